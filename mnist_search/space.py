@@ -1,0 +1,37 @@
+"""The search space: the one place where `trial.suggest_*` appears.
+
+The champion rebuilds the best trial's config through this same function (from the trial's
+stored params, via `optuna.trial.FixedTrial`), so the retrain can never drift from the search.
+"""
+
+from __future__ import annotations
+
+import optuna
+
+from mnist_search.train import TrainConfig
+
+BATCH_SIZES = [64, 128, 256, 512]
+
+
+def suggest_config(trial: optuna.Trial, epochs: int, seed: int) -> TrainConfig:
+    n_layers = trial.suggest_int("n_layers", 1, 3)
+    return TrainConfig(
+        # log scale: 128 -> 256 matters as much as 512 -> 1024; 1024 caps the CPU cost
+        hidden=tuple(trial.suggest_int(f"width_{i}", 128, 1024, log=True) for i in range(n_layers)),
+        dropout=trial.suggest_float("dropout", 0.0, 0.5),
+        activation=trial.suggest_categorical("activation", ["relu", "gelu", "silu"]),
+        optimizer=trial.suggest_categorical("optimizer", ["adam", "adamw"]),
+        lr=trial.suggest_float("lr", 2e-4, 1e-2, log=True),
+        weight_decay=trial.suggest_float("weight_decay", 1e-6, 1e-1, log=True),
+        schedule=trial.suggest_categorical("schedule", ["constant", "cosine"]),
+        label_smoothing=trial.suggest_float("label_smoothing", 0.0, 0.1),
+        batch_size=trial.suggest_categorical("batch_size", BATCH_SIZES),
+        epochs=epochs,
+        seed=seed,
+    )
+
+
+def config_from_params(params: dict, epochs: int, seed: int) -> TrainConfig:
+    """The config a finished trial trained, rebuilt from its params by the same function."""
+    return suggest_config(optuna.trial.FixedTrial(params), epochs, seed)
+

@@ -1,0 +1,303 @@
+"""`python -m mnist_search.study`: the Optuna study, logged to MLflow, then the champion.
+
+TPE proposes a config, plain `fit` trains it, Hyperband prunes on validation accuracy after
+every epoch, and every trial becomes a nested MLflow run under the study's parent run. Rerunning
+the same command resumes the study until it has `--trials` finished (complete or pruned) trials.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import socket
+import sys
+import time
+from pathlib import Path
+
+DEFAULT_STORAGE = "optuna-journal.log"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m mnist_search.study",
+        description="Search MLP hyperparameters for MNIST with Optuna, track every trial in "
+        "MLflow, then retrain, test and register the best.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("--trials", type=int, default=50,
+                   help="finished (complete + pruned) trials the study should have; a rerun "
+                   "tops it up, failed trials do not count")  # fmt: skip
+    p.add_argument("--epochs", type=int, default=15, help="most epochs per trial")
+    p.add_argument("--study-name", default="mnist-mlp")
+    p.add_argument("--storage", default=DEFAULT_STORAGE,
+                   help="Optuna storage: an RDB URL (sqlite:///..., postgresql://...) or the "
+                   "path of a journal file (safe for concurrent workers)")  # fmt: skip
+    p.add_argument("--tracking-uri", default=None,
+                   help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else MLflow's own "
+                   "default, sqlite:///mlflow.db with artifacts in ./mlruns)")  # fmt: skip
+    p.add_argument("--data-dir", type=Path, default=None,
+                   help="where MNIST lives (default: $MNIST_SEARCH_DATA or ./data)")  # fmt: skip
+    p.add_argument("--seed", type=int, default=0, help="seeds the sampler and every trial")
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    p.add_argument("--timeout", type=float, default=None,
+                   help="stop starting new trials after this many seconds")  # fmt: skip
+    p.add_argument("--no-champion", action="store_true",
+                   help="skip retraining, testing and registering the best trial at the end")  # fmt: skip
+    p.add_argument("--register-as", default="mnist-mlp",
+                   help="registered model name for the champion")  # fmt: skip
+    return p
+
+
+def open_storage(url: str):
+    """An Optuna storage from a URL or a journal-file path, failing before creating anything."""
+    import optuna
+    from optuna.storages.journal import JournalFileBackend, JournalStorage
+
+    if "://" in url:
+        return optuna.storages.RDBStorage(url)
+    path = Path(url)
+    if not path.parent.resolve().is_dir():
+        raise ValueError(f"the folder of the journal file {url!r} does not exist")
+    return JournalStorage(JournalFileBackend(str(path)))
+
+
+def fail_dead_trials(study, storage, tracker) -> list[int]:
+    """Mark FAIL every RUNNING trial whose process (on this host) is gone, e.g. after kill -9,
+    and close the MLflow runs that no live trial owns. Returns the trial numbers it failed."""
+    from optuna.trial import TrialState
+
+    failed = []
+    live_runs = set()
+    for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        host, pid = t.user_attrs.get("host"), t.user_attrs.get("pid")
+        if host == socket.gethostname() and pid is not None and not _alive(pid):
+            storage.set_trial_user_attr(t._trial_id, "fail_reason", "process died")
+            storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
+            failed.append(t.number)
+        elif "mlflow_run_id" in t.user_attrs:
+            live_runs.add(t.user_attrs["mlflow_run_id"])
+    tracker.close_orphans(live_runs)
+    return failed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def make_objective(data, device, epochs: int, seed: int, tracker):
+    """The objective: config from the space, plain `fit`, with pruning and logging in the hook."""
+    import optuna
+
+    from mnist_search.space import suggest_config
+    from mnist_search.train import fit
+
+    def objective(trial: optuna.Trial) -> float:
+        config = suggest_config(trial, epochs, seed)
+        trial.set_user_attr("host", socket.gethostname())
+        trial.set_user_attr("pid", os.getpid())
+        run = tracker.start_trial(trial.number, trial.params)
+        trial.set_user_attr("mlflow_run_id", run.run_id)
+        last = {}  # the model and metrics of the latest epoch, for the weights artifact
+        start = time.perf_counter()
+
+        def on_epoch_end(epoch, metrics, model):
+            run.log_epoch(metrics, step=epoch)
+            last.update(model=model, epoch=epoch)
+            trial.report(metrics["val_accuracy"], epoch)
+            if trial.should_prune():
+                raise optuna.TrialPruned(f"pruned after epoch {epoch}")
+
+        def log_weights():
+            meta = {"config": config.to_dict(), "mean": data.mean, "std": data.std}
+            meta["epochs_trained"] = last["epoch"]
+            run.log_weights(last["model"].state_dict(), meta)
+            trial.set_user_attr("epochs_trained", last["epoch"])
+
+        try:
+            result = fit(config, data, device, on_epoch_end=on_epoch_end)
+            log_weights()
+        except optuna.TrialPruned as e:
+            log_weights()
+            run.finish("KILLED", "PRUNED", str(e))
+            raise
+        except KeyboardInterrupt:
+            run.finish("KILLED", "INTERRUPTED", "interrupted by the user")
+            raise
+        except Exception as e:
+            reason = f"{type(e).__name__}: {e}"
+            trial.set_user_attr("fail_reason", reason)
+            run.finish("FAILED", "FAIL", reason)
+            raise
+        trial.set_user_attr("best_epoch", result.best_epoch)
+        seconds = time.perf_counter() - start
+        trial.set_user_attr("tracking_fraction", run.tracking_seconds / seconds)
+        run.finish("FINISHED", "COMPLETE")
+        return max(m["val_accuracy"] for m in result.history)
+
+    return objective
+
+
+def leaderboard(study, top: int = 10):
+    """The best finished trials as a pandas DataFrame, best first."""
+    import pandas as pd
+    from optuna.trial import TrialState
+
+    rows = []
+    for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED)):
+        rows.append(
+            {
+                "trial": t.number,
+                "state": t.state.name,
+                "val_accuracy": t.value if t.value is not None else max(
+                    t.intermediate_values.values(), default=float("nan")
+                ),
+                "epochs": t.user_attrs.get("epochs_trained"),
+                "seconds": (t.datetime_complete - t.datetime_start).total_seconds(),
+                **t.params,
+            }
+        )  # fmt: skip
+    if not rows:
+        return pd.DataFrame()
+    frame = pd.DataFrame(rows).sort_values("val_accuracy", ascending=False)
+    return frame.head(top).reset_index(drop=True)
+
+
+def finished_count(study) -> int:
+    from optuna.trial import TrialState
+
+    return len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED)))
+
+
+def run_study(args, storage, tracker, data, device) -> int:
+    """Optimize until the study has `args.trials` finished trials. Returns an exit code."""
+    import optuna
+    from tqdm import tqdm
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = optuna.load_study(study_name=args.study_name, storage=storage)
+    done = finished_count(study)
+    # Reseed by progress: a resumed study must not replay the first run's random start-up trials.
+    study.sampler = optuna.samplers.TPESampler(seed=args.seed + len(study.trials))
+    start, failures_in_a_row = time.monotonic(), 0
+    objective = make_objective(data, device, args.epochs, args.seed, tracker)
+    bar = tqdm(total=args.trials, initial=done, desc=f"study {args.study_name}", unit="trial")
+    try:
+        while finished_count(study) < args.trials:
+            if args.timeout is not None and time.monotonic() - start > args.timeout:
+                print(f"--timeout {args.timeout:g}s reached; rerun to finish", file=sys.stderr)
+                break
+            study.optimize(objective, n_trials=1, catch=(Exception,))
+            last = study.trials[-1]
+            failures_in_a_row = failures_in_a_row + 1 if last.state.name == "FAIL" else 0
+            if failures_in_a_row >= 10:
+                print("error: 10 trials in a row failed; see fail_reason", file=sys.stderr)
+                return 1
+            bar.update(finished_count(study) - bar.n)
+            if any(t.state.name == "COMPLETE" for t in study.trials):
+                bar.set_postfix(best=f"{study.best_value:.4f}", trial=study.best_trial.number)
+    finally:
+        bar.close()
+    return 0
+
+
+def report(study, tracker, out_dir: Path) -> None:
+    """Print the leaderboard and keep it: a CSV locally and on the study's parent run."""
+    board = leaderboard(study)
+    if board.empty:
+        print("no finished trials yet")
+        return
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / "leaderboard.csv"
+    board.to_csv(path, index=False)
+    tracker.log_parent_file(path)
+    columns = ["trial", "state", "val_accuracy", "epochs", "seconds"]
+    print(board[columns].to_string(index=False, float_format=lambda v: f"{v:.4f}"))
+    print(f"leaderboard saved to {path}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.trials < 1 or args.epochs < 1:
+        parser.error("--trials and --epochs must be at least 1")
+    if args.timeout is not None and args.timeout <= 0:
+        parser.error("--timeout must be positive")
+
+    import optuna  # heavy imports only after the flags parse, so --help is instant
+    import torch
+
+    from mnist_search import data as mdata
+    from mnist_search.tracking import StudyTracker, TrackingError
+    from mnist_search.train import resolve_device
+
+    try:
+        device = resolve_device(args.device)
+    except ValueError as e:
+        parser.error(str(e))
+    try:
+        storage = open_storage(args.storage)
+    except Exception as e:  # noqa: BLE001 - SQLAlchemy and Optuna raise many kinds
+        parser.error(f"cannot open --storage {args.storage!r}: {type(e).__name__}: {e}")
+    try:
+        tracker = StudyTracker(args.study_name, args.tracking_uri)
+    except TrackingError as e:
+        parser.error(str(e))
+    data_dir = args.data_dir or mdata.default_data_dir()
+    try:
+        mdata.ensure_mnist(data_dir)
+    except mdata.DataError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+
+    study = optuna.create_study(
+        study_name=args.study_name,
+        storage=storage,
+        direction="maximize",
+        pruner=optuna.pruners.HyperbandPruner(min_resource=1, max_resource=args.epochs),
+        load_if_exists=True,
+    )
+    tracker.start_parent(
+        {
+            "study_name": args.study_name,
+            "seed": args.seed,
+            "epochs": args.epochs,
+            "sampler": "TPESampler",
+            "pruner": f"HyperbandPruner(min_resource=1, max_resource={args.epochs})",
+            "objective": "max validation accuracy over epochs",
+            "data_digest": mdata.data_digest(data_dir),
+            "val_size": mdata.VAL_SIZE,
+            "torch": torch.__version__,
+            "optuna": optuna.__version__,
+            "mlflow": __import__("mlflow").__version__,
+        }
+    )
+    fail_dead_trials(study, storage, tracker)
+    data = mdata.load_data(data_dir, device)
+    out_dir = Path("reports") / args.study_name
+    try:
+        code = run_study(args, storage, tracker, data, device)
+    except KeyboardInterrupt:
+        print("\ninterrupted: the current trial ended as FAIL/KILLED; rerun to resume")
+        report(study, tracker, out_dir)
+        tracker.finish_parent("KILLED")
+        return 130
+    except BaseException:
+        tracker.finish_parent("FAILED")
+        raise
+    report(study, tracker, out_dir)
+    if code == 0 and finished_count(study) >= args.trials and not args.no_champion:
+        from mnist_search.champion import crown
+
+        crown(study, tracker, data_dir, device, args.register_as)
+    tracker.finish_parent("FINISHED" if code == 0 else "FAILED")
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

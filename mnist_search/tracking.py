@@ -1,0 +1,174 @@
+"""Everything MLflow: one experiment per study, a parent run for the study, a child run per trial.
+
+Run status tells the truth: a completed trial's run ends FINISHED, a pruned or interrupted one
+KILLED, a failed one FAILED; the tag `optuna_state` (COMPLETE, PRUNED, FAIL, INTERRUPTED) says
+which, and `fail_reason` why. Weights are a `state_dict` saved with `torch.save`, loadable with
+`torch.load(..., weights_only=True)`, beside `config.json`, never a pickled model.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+import time
+from pathlib import Path
+
+import mlflow
+import torch
+from mlflow import MlflowClient
+from mlflow.entities import Metric, Param
+
+ROLE_TAG = "mnist_search.role"  # study | trial | champion | explore
+STUDY_TAG = "mnist_search.study"
+PARENT_TAG = "mlflow.parentRunId"  # what makes the MLflow UI nest a run under another
+WEIGHTS_DIR = "model"
+
+
+class TrackingError(RuntimeError):
+    """The tracking store cannot be reached or written."""
+
+
+def _now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+def _params(params: dict) -> list[Param]:
+    return [Param(k, str(v)[:6000]) for k, v in params.items()]
+
+
+class TrialRun:
+    """The child run of one trial; counts the seconds spent talking to MLflow."""
+
+    def __init__(self, client: MlflowClient, run_id: str):
+        self.client, self.run_id = client, run_id
+        self.tracking_seconds = 0.0
+
+    def _timed(self, fn, *args, **kwargs):
+        start = time.perf_counter()
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            self.tracking_seconds += time.perf_counter() - start
+
+    def log_epoch(self, metrics: dict, step: int) -> None:
+        now = _now_ms()
+        batch = [Metric(k, float(v), now, step) for k, v in metrics.items() if k != "epoch"]
+        self._timed(self.client.log_batch, self.run_id, metrics=batch)
+
+    def log_weights(self, state_dict: dict, meta: dict) -> None:
+        """`weights.pt` (a state_dict) and `config.json` under `model/` in the run's artifacts."""
+
+        def write_and_upload():
+            with tempfile.TemporaryDirectory() as tmp:
+                torch.save({k: v.detach().cpu() for k, v in state_dict.items()}, f"{tmp}/weights.pt")
+                Path(tmp, "config.json").write_text(json.dumps(meta, indent=2))
+                self.client.log_artifacts(self.run_id, tmp, WEIGHTS_DIR)
+
+        self._timed(write_and_upload)
+
+    def finish(self, status: str, optuna_state: str, reason: str | None = None) -> None:
+        tags = {"optuna_state": optuna_state}
+        if reason:
+            tags["fail_reason"] = reason[:5000]
+        for key, value in tags.items():
+            self._timed(self.client.set_tag, self.run_id, key, value)
+        self._timed(
+            self.client.log_batch,
+            self.run_id,
+            metrics=[Metric("tracking_seconds", self.tracking_seconds, _now_ms(), 0)],
+        )
+        self.client.set_terminated(self.run_id, status)
+
+
+class StudyTracker:
+    """The MLflow side of one study: its experiment, its parent run and its children."""
+
+    def __init__(self, study_name: str, tracking_uri: str | None = None):
+        self.study_name = study_name
+        self.client = MlflowClient(tracking_uri)
+        try:
+            experiment = self.client.get_experiment_by_name(study_name)
+            self.experiment_id = (
+                experiment.experiment_id
+                if experiment
+                else self.client.create_experiment(study_name)
+            )
+        except Exception as e:  # noqa: BLE001 - any failure here means the store is unusable
+            uri = tracking_uri or mlflow.get_tracking_uri()
+            raise TrackingError(
+                f"cannot use the MLflow tracking store {uri!r}: {type(e).__name__}: "
+                f"{str(e)[:300]}. Start the server or fix --tracking-uri / MLFLOW_TRACKING_URI."
+            ) from e
+        self.parent_id: str | None = None
+
+    def start_parent(self, params: dict) -> str:
+        """Reopen the study's parent run if a former invocation made one, else create it."""
+        found = self.client.search_runs(
+            [self.experiment_id],
+            filter_string=f"tags.`{ROLE_TAG}` = 'study' and tags.`{STUDY_TAG}` = '{self.study_name}'",
+            order_by=["attributes.start_time ASC"],
+            max_results=1,
+        )
+        if found:
+            self.parent_id = found[0].info.run_id
+            self.client.update_run(self.parent_id, status="RUNNING")
+        else:
+            run = self.client.create_run(
+                self.experiment_id,
+                run_name=f"study-{self.study_name}",
+                tags={ROLE_TAG: "study", STUDY_TAG: self.study_name},
+            )
+            self.parent_id = run.info.run_id
+            self.client.log_batch(self.parent_id, params=_params(params))
+        return self.parent_id
+
+    def start_trial(self, number: int, params: dict) -> TrialRun:
+        start = time.perf_counter()
+        run = self.client.create_run(
+            self.experiment_id,
+            run_name=f"trial-{number}",
+            tags={
+                PARENT_TAG: self.parent_id,
+                ROLE_TAG: "trial",
+                STUDY_TAG: self.study_name,
+                "optuna_trial_number": str(number),
+            },
+        )
+        trial_run = TrialRun(self.client, run.info.run_id)
+        trial_run.tracking_seconds = time.perf_counter() - start
+        trial_run._timed(self.client.log_batch, run.info.run_id, params=_params(params))
+        return trial_run
+
+    def close_orphans(self, live_run_ids: set[str]) -> list[str]:
+        """End as KILLED every trial run still RUNNING whose trial is no longer running:
+        what a killed process leaves behind. Returns the run ids it closed."""
+        running = self.client.search_runs(
+            [self.experiment_id],
+            filter_string=f"tags.`{ROLE_TAG}` = 'trial' and attributes.status = 'RUNNING'",
+        )
+        closed = []
+        for run in running:
+            if run.info.run_id not in live_run_ids:
+                self.client.set_tag(run.info.run_id, "optuna_state", "FAIL")
+                self.client.set_tag(run.info.run_id, "fail_reason", "process died mid-trial")
+                self.client.set_terminated(run.info.run_id, "FAILED")
+                closed.append(run.info.run_id)
+        return closed
+
+    def log_parent_file(self, local_path: Path, artifact_path: str | None = None) -> None:
+        self.client.log_artifact(self.parent_id, str(local_path), artifact_path)
+
+    def finish_parent(self, status: str = "FINISHED") -> None:
+        if self.parent_id is not None:
+            self.client.set_terminated(self.parent_id, status)
+
+
+def load_weights(run_id: str, tracking_uri: str | None = None) -> tuple[dict, dict]:
+    """A trial's (state_dict, meta) from its run, loaded with weights_only=True."""
+    client = MlflowClient(tracking_uri)
+    with tempfile.TemporaryDirectory() as tmp:
+        local = Path(client.download_artifacts(run_id, WEIGHTS_DIR, tmp))
+        state_dict = torch.load(local / "weights.pt", weights_only=True)
+        meta = json.loads((local / "config.json").read_text())
+    return state_dict, meta
+
