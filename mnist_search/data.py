@@ -105,13 +105,18 @@ class _ArrayUnpickler(pickle.Unpickler):
         ("numpy._core.multiarray", "_reconstruct"),
         ("numpy", "ndarray"),
         ("numpy", "dtype"),
+        ("_codecs", "encode"),  # how protocol-2 pickles written by Python 3 carry bytes
     }
 
     def find_class(self, module: str, name: str):
         if (module, name) not in self._ALLOWED:
             raise pickle.UnpicklingError(f"refusing to load {module}.{name} from {HUB_PICKLE}")
+        import codecs
+
         import numpy
 
+        if module == "_codecs":
+            return codecs.encode
         return getattr(numpy, name) if module == "numpy" else numpy._core.multiarray._reconstruct
 
 
@@ -267,13 +272,15 @@ def to_split(images: torch.Tensor, labels: torch.Tensor, mean: float, std: float
 
 
 def load_data(
-    data_dir: Path, device: str | torch.device = "cpu", val_size: int = VAL_SIZE
+    data_dir: Path, device: str | torch.device = "cpu", val_size: int | None = None
 ) -> Data:
-    """The training images as tensors on `device`; `val_size=0` trains on all of them.
-
-    Mean and std come from the images trained on, never from validation or test.
-    """
+    """The training images as tensors on `device`, `val_size` (default VAL_SIZE) of them held
+    out for validation; `val_size=0` trains on all. Mean and std come from the images trained
+    on, never from validation or test."""
     images, labels = load_images(data_dir, train=True)
+    val_size = VAL_SIZE if val_size is None else val_size
+    if not 0 <= val_size < len(labels):
+        raise DataError(f"validation size {val_size} must be in [0, {len(labels)})")
     if val_size:
         train_idx, val_idx = stratified_split(labels, val_size, SPLIT_SEED)
     else:

@@ -11,7 +11,7 @@ ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "silu": nn.SiLU}
 
 
 class MLP(nn.Module):
-    """784 -> hidden[0] -> ... -> hidden[-1] -> 10, each hidden layer Linear, activation, dropout."""
+    """784 -> hidden... -> 10; each hidden layer is Linear, activation, dropout."""
 
     def __init__(
         self,
@@ -24,7 +24,11 @@ class MLP(nn.Module):
         super().__init__()
         layers: list[nn.Module] = []
         for width in hidden:
-            layers += [nn.Linear(in_features, width), ACTIVATIONS[activation](), nn.Dropout(dropout)]
+            layers += [
+                nn.Linear(in_features, width),
+                ACTIVATIONS[activation](),
+                nn.Dropout(dropout),
+            ]
             in_features = width
         layers.append(nn.Linear(in_features, classes))
         self.net = nn.Sequential(*layers)

@@ -34,4 +34,3 @@ def suggest_config(trial: optuna.Trial, epochs: int, seed: int) -> TrainConfig:
 def config_from_params(params: dict, epochs: int, seed: int) -> TrainConfig:
     """The config a finished trial trained, rebuilt from its params by the same function."""
     return suggest_config(optuna.trial.FixedTrial(params), epochs, seed)
-

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import socket
 import sys
 import time
@@ -24,41 +25,60 @@ def build_parser() -> argparse.ArgumentParser:
         "MLflow, then retrain, test and register the best.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    p.add_argument("--trials", type=int, default=50,
-                   help="finished (complete + pruned) trials the study should have; a rerun "
-                   "tops it up, failed trials do not count")  # fmt: skip
+    p.add_argument(
+        "--trials",
+        type=int,
+        default=50,
+        help="finished (complete + pruned) trials the study should have; a rerun "
+        "tops it up, failed trials do not count",
+    )
     p.add_argument("--epochs", type=int, default=15, help="most epochs per trial")
     p.add_argument("--study-name", default="mnist-mlp")
-    p.add_argument("--storage", default=DEFAULT_STORAGE,
-                   help="Optuna storage: an RDB URL (sqlite:///..., postgresql://...) or the "
-                   "path of a journal file (safe for concurrent workers)")  # fmt: skip
-    p.add_argument("--tracking-uri", default=None,
-                   help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else MLflow's own "
-                   "default, sqlite:///mlflow.db with artifacts in ./mlruns)")  # fmt: skip
-    p.add_argument("--data-dir", type=Path, default=None,
-                   help="where MNIST lives (default: $MNIST_SEARCH_DATA or ./data)")  # fmt: skip
+    p.add_argument(
+        "--storage",
+        default=DEFAULT_STORAGE,
+        help="Optuna storage: an RDB URL (sqlite:///..., postgresql://...) or the "
+        "path of a journal file (safe for concurrent workers)",
+    )
+    p.add_argument(
+        "--tracking-uri",
+        default=None,
+        help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else MLflow's own "
+        "default, sqlite:///mlflow.db with artifacts in ./mlruns)",
+    )
+    p.add_argument(
+        "--data-dir",
+        type=Path,
+        default=None,
+        help="where MNIST lives (default: $MNIST_SEARCH_DATA or ./data)",
+    )
     p.add_argument("--seed", type=int, default=0, help="seeds the sampler and every trial")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
-    p.add_argument("--timeout", type=float, default=None,
-                   help="stop starting new trials after this many seconds")  # fmt: skip
-    p.add_argument("--no-champion", action="store_true",
-                   help="skip retraining, testing and registering the best trial at the end")  # fmt: skip
-    p.add_argument("--register-as", default="mnist-mlp",
-                   help="registered model name for the champion")  # fmt: skip
+    p.add_argument(
+        "--timeout",
+        type=float,
+        default=None,
+        help="stop starting new trials after this many seconds",
+    )
+    p.add_argument(
+        "--no-champion",
+        action="store_true",
+        help="skip retraining, testing and registering the best trial at the end",
+    )
+    p.add_argument(
+        "--register-as", default="mnist-mlp", help="registered model name for the champion"
+    )
     return p
 
 
 def open_storage(url: str):
-    """An Optuna storage from a URL or a journal-file path, failing before creating anything."""
+    """An Optuna storage from an RDB URL or a journal-file path."""
     import optuna
     from optuna.storages.journal import JournalFileBackend, JournalStorage
 
     if "://" in url:
         return optuna.storages.RDBStorage(url)
-    path = Path(url)
-    if not path.parent.resolve().is_dir():
-        raise ValueError(f"the folder of the journal file {url!r} does not exist")
-    return JournalStorage(JournalFileBackend(str(path)))
+    return JournalStorage(JournalFileBackend(url))
 
 
 def fail_dead_trials(study, storage, tracker) -> list[int]:
@@ -78,6 +98,10 @@ def fail_dead_trials(study, storage, tracker) -> list[int]:
             live_runs.add(t.user_attrs["mlflow_run_id"])
     tracker.close_orphans(live_runs)
     return failed
+
+
+def _raise_interrupt(signum, frame):
+    raise KeyboardInterrupt(f"signal {signum}")
 
 
 def _alive(pid: int) -> bool:
@@ -154,14 +178,14 @@ def leaderboard(study, top: int = 10):
             {
                 "trial": t.number,
                 "state": t.state.name,
-                "val_accuracy": t.value if t.value is not None else max(
-                    t.intermediate_values.values(), default=float("nan")
-                ),
+                "val_accuracy": t.value
+                if t.value is not None
+                else max(t.intermediate_values.values(), default=float("nan")),
                 "epochs": t.user_attrs.get("epochs_trained"),
                 "seconds": (t.datetime_complete - t.datetime_start).total_seconds(),
                 **t.params,
             }
-        )  # fmt: skip
+        )
     if not rows:
         return pd.DataFrame()
     frame = pd.DataFrame(rows).sort_values("val_accuracy", ascending=False)
@@ -240,14 +264,19 @@ def main(argv: list[str] | None = None) -> int:
         device = resolve_device(args.device)
     except ValueError as e:
         parser.error(str(e))
+    # Check both stores before creating either, so that a bad flag leaves nothing behind.
+    journal = "://" not in args.storage
     try:
-        storage = open_storage(args.storage)
+        if journal and not Path(args.storage).resolve().parent.is_dir():
+            raise ValueError("the journal file's folder does not exist")
+        storage = None if journal else open_storage(args.storage)
     except Exception as e:  # noqa: BLE001 - SQLAlchemy and Optuna raise many kinds
         parser.error(f"cannot open --storage {args.storage!r}: {type(e).__name__}: {e}")
     try:
         tracker = StudyTracker(args.study_name, args.tracking_uri)
     except TrackingError as e:
         parser.error(str(e))
+    storage = storage or open_storage(args.storage)
     data_dir = args.data_dir or mdata.default_data_dir()
     try:
         mdata.ensure_mnist(data_dir)
@@ -262,6 +291,8 @@ def main(argv: list[str] | None = None) -> int:
         pruner=optuna.pruners.HyperbandPruner(min_resource=1, max_resource=args.epochs),
         load_if_exists=True,
     )
+    if "seed" not in study.user_attrs:  # the champion retrains with the study's own seed
+        study.set_user_attr("seed", args.seed)
     tracker.start_parent(
         {
             "study_name": args.study_name,
@@ -280,6 +311,7 @@ def main(argv: list[str] | None = None) -> int:
     fail_dead_trials(study, storage, tracker)
     data = mdata.load_data(data_dir, device)
     out_dir = Path("reports") / args.study_name
+    signal.signal(signal.SIGTERM, _raise_interrupt)  # `kill` ends runs cleanly, like Ctrl-C
     try:
         code = run_study(args, storage, tracker, data, device)
     except KeyboardInterrupt:

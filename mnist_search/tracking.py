@@ -9,8 +9,10 @@ which, and `fail_reason` why. Weights are a `state_dict` saved with `torch.save`
 from __future__ import annotations
 
 import json
+import os
 import tempfile
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import mlflow
@@ -34,6 +36,20 @@ def _now_ms() -> int:
 
 def _params(params: dict) -> list[Param]:
     return [Param(k, str(v)[:6000]) for k, v in params.items()]
+
+
+@contextmanager
+def _fail_fast():
+    """One try with a short timeout: an unreachable server is reported in seconds, not after
+    MLflow's minutes of retries. Settings the user made are kept."""
+    quick = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}
+    added = {k: v for k, v in quick.items() if k not in os.environ}
+    os.environ.update(added)
+    try:
+        yield
+    finally:
+        for key in added:
+            del os.environ[key]
 
 
 class TrialRun:
@@ -60,7 +76,9 @@ class TrialRun:
 
         def write_and_upload():
             with tempfile.TemporaryDirectory() as tmp:
-                torch.save({k: v.detach().cpu() for k, v in state_dict.items()}, f"{tmp}/weights.pt")
+                torch.save(
+                    {k: v.detach().cpu() for k, v in state_dict.items()}, f"{tmp}/weights.pt"
+                )
                 Path(tmp, "config.json").write_text(json.dumps(meta, indent=2))
                 self.client.log_artifacts(self.run_id, tmp, WEIGHTS_DIR)
 
@@ -85,14 +103,15 @@ class StudyTracker:
 
     def __init__(self, study_name: str, tracking_uri: str | None = None):
         self.study_name = study_name
-        self.client = MlflowClient(tracking_uri)
         try:
-            experiment = self.client.get_experiment_by_name(study_name)
-            self.experiment_id = (
-                experiment.experiment_id
-                if experiment
-                else self.client.create_experiment(study_name)
-            )
+            with _fail_fast():
+                self.client = MlflowClient(tracking_uri)
+                experiment = self.client.get_experiment_by_name(study_name)
+                self.experiment_id = (
+                    experiment.experiment_id
+                    if experiment
+                    else self.client.create_experiment(study_name)
+                )
         except Exception as e:  # noqa: BLE001 - any failure here means the store is unusable
             uri = tracking_uri or mlflow.get_tracking_uri()
             raise TrackingError(
@@ -105,7 +124,9 @@ class StudyTracker:
         """Reopen the study's parent run if a former invocation made one, else create it."""
         found = self.client.search_runs(
             [self.experiment_id],
-            filter_string=f"tags.`{ROLE_TAG}` = 'study' and tags.`{STUDY_TAG}` = '{self.study_name}'",
+            filter_string=(
+                f"tags.`{ROLE_TAG}` = 'study' and tags.`{STUDY_TAG}` = '{self.study_name}'"
+            ),
             order_by=["attributes.start_time ASC"],
             max_results=1,
         )
@@ -171,4 +192,3 @@ def load_weights(run_id: str, tracking_uri: str | None = None) -> tuple[dict, di
         state_dict = torch.load(local / "weights.pt", weights_only=True)
         meta = json.loads((local / "config.json").read_text())
     return state_dict, meta
-

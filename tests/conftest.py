@@ -1,0 +1,55 @@
+"""Shared fixtures: tiny synthetic MNIST in torchvision's layout, and the real one (cached)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from mnist_search import data as mdata
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def synthetic_images(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Learnable fake digits: class c lights up a 4-pixel-high band at row 2 + 2c, plus noise."""
+    g = torch.Generator().manual_seed(seed)
+    labels = torch.arange(n) % 10
+    images = torch.randint(0, 60, (n, 28, 28), generator=g)
+    for c in range(10):
+        images[labels == c, 2 + 2 * c : 6 + 2 * c, 4:24] += 180
+    return images.clamp(0, 255).to(torch.uint8), labels
+
+
+@pytest.fixture
+def synthetic_mnist(tmp_path, monkeypatch) -> Path:
+    """A data dir with 600 train / 200 test fake images; their digests stand in for the
+    official ones, so the real verification and torchvision loading paths run on them."""
+    data_dir = tmp_path / "data"
+    raw = mdata.raw_dir(data_dir)
+    raw.mkdir(parents=True)
+    for prefix, n, seed in (("train", 600, 0), ("t10k", 200, 1)):
+        images, labels = synthetic_images(n, seed)
+        mdata.write_idx(raw / f"{prefix}-images-idx3-ubyte", images)
+        mdata.write_idx(raw / f"{prefix}-labels-idx1-ubyte", labels)
+    digests = {name: mdata.sha256_file(raw / name) for name in mdata.OFFICIAL_SHA256}
+    monkeypatch.setattr(mdata, "OFFICIAL_SHA256", digests)
+    monkeypatch.setattr(mdata, "VAL_SIZE", 100)
+    return data_dir
+
+
+@pytest.fixture(scope="session")
+def real_mnist() -> Path:
+    """The real MNIST through the real fetch path, cached in ./data between runs."""
+    data_dir = REPO / "data"
+    mdata.ensure_mnist(data_dir)
+    return data_dir
+
+
+@pytest.fixture
+def in_tmp(tmp_path, monkeypatch) -> Path:
+    """Run in tmp_path with MLflow pointed at a store inside it, so no test touches ./mlruns."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlflow.db")
+    return tmp_path

@@ -1,0 +1,129 @@
+"""The study end to end on tiny synthetic data, in tmp_path."""
+
+import optuna
+import pytest
+from mlflow import MlflowClient
+
+from mnist_search import study as mstudy
+from mnist_search.data import load_data
+from mnist_search.tracking import StudyTracker, load_weights
+from mnist_search.train import TrainConfig, build_model, evaluate
+
+
+def run(in_tmp, data_dir, *flags):
+    return mstudy.main(
+        ["--data-dir", str(data_dir), "--storage", str(in_tmp / "study.journal"),
+         "--device", "cpu", "--no-champion", "--epochs", "2", *flags]
+    )  # fmt: skip
+
+
+def load(in_tmp, name="mnist-mlp"):
+    storage = mstudy.open_storage(str(in_tmp / "study.journal"))
+    return optuna.load_study(study_name=name, storage=storage)
+
+
+def trial_runs(client, study_name="mnist-mlp"):
+    exp = client.get_experiment_by_name(study_name)
+    runs = client.search_runs([exp.experiment_id], "tags.`mnist_search.role` = 'trial'")
+    return sorted(runs, key=lambda r: int(r.data.tags["optuna_trial_number"]))
+
+
+def test_every_trial_is_a_child_run_with_metrics_and_weights(in_tmp, synthetic_mnist):
+    assert run(in_tmp, synthetic_mnist, "--trials", "3") == 0
+    study, client = load(in_tmp), MlflowClient()
+    exp = client.get_experiment_by_name("mnist-mlp")
+    parents = client.search_runs([exp.experiment_id], "tags.`mnist_search.role` = 'study'")
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+    assert parents[0].data.params["data_digest"]
+    runs = trial_runs(client)
+    assert len(runs) == len(study.trials) == 3
+    data = load_data(synthetic_mnist)
+    for trial, r in zip(study.trials, runs, strict=True):
+        assert r.data.tags["mlflow.parentRunId"] == parents[0].info.run_id
+        assert trial.user_attrs["mlflow_run_id"] == r.info.run_id
+        assert r.data.tags["optuna_state"] == trial.state.name
+        assert {k: str(v) for k, v in trial.params.items()} == r.data.params
+        history = client.get_metric_history(r.info.run_id, "val_accuracy")
+        assert [m.step for m in history] == list(range(1, trial.user_attrs["epochs_trained"] + 1))
+        for key in ("train_loss", "val_loss", "epoch_seconds"):
+            assert len(client.get_metric_history(r.info.run_id, key)) == len(history)
+        # the weights rebuild a model that scores exactly what the run logged last
+        state_dict, meta = load_weights(r.info.run_id)
+        model = build_model(TrainConfig(**meta["config"]))
+        model.load_state_dict(state_dict)
+        assert evaluate(model, data.val)["accuracy"] == pytest.approx(history[-1].value)
+    assert (in_tmp / "reports/mnist-mlp/leaderboard.csv").exists()
+
+
+def test_rerun_with_more_trials_continues_the_same_study(in_tmp, synthetic_mnist):
+    assert run(in_tmp, synthetic_mnist, "--trials", "3") == 0
+    assert run(in_tmp, synthetic_mnist, "--trials", "5") == 0
+    study = load(in_tmp)
+    assert [t.number for t in study.trials] == [0, 1, 2, 3, 4]
+    params = [t.params for t in study.trials]
+    assert params[3] != params[0]  # the resumed sampler did not replay the first trials
+    client = MlflowClient()
+    assert len(trial_runs(client)) == 5
+    exp = client.get_experiment_by_name("mnist-mlp")
+    assert len(client.search_runs([exp.experiment_id], "tags.`mnist_search.role` = 'study'")) == 1
+
+
+def test_pruned_and_failed_trials_are_recorded_as_such(in_tmp, synthetic_mnist):
+    tracker = StudyTracker("prune-test")
+    tracker.start_parent({})
+    data = load_data(synthetic_mnist)
+    objective = mstudy.make_objective(data, "cpu", epochs=3, seed=0, tracker=tracker)
+    # a pruner that prunes everything after the first epoch
+    study = optuna.create_study(direction="maximize", pruner=optuna.pruners.ThresholdPruner(2.0))
+    study.optimize(objective, n_trials=1)
+    # an lr so high the loss overflows: the trial fails with its reason, the study goes on
+    study.enqueue_trial({"lr": 1e30} | study.trials[0].params | {"lr": 1e30})
+    study.optimize(objective, n_trials=1, catch=(Exception,))
+    pruned, failed = study.trials
+    assert pruned.state.name == "PRUNED" and failed.state.name == "FAIL"
+    assert "NonFiniteLossError" in failed.user_attrs["fail_reason"]
+    client = MlflowClient()
+    pruned_run = client.get_run(pruned.user_attrs["mlflow_run_id"])
+    assert pruned_run.info.status == "KILLED"
+    assert pruned_run.data.tags["optuna_state"] == "PRUNED"
+    assert len(client.get_metric_history(pruned_run.info.run_id, "val_accuracy")) == 1
+    assert load_weights(pruned_run.info.run_id)[1]["epochs_trained"] == 1
+    failed_run = client.get_run(failed.user_attrs["mlflow_run_id"])
+    assert failed_run.info.status == "FAILED"
+    assert "loss became" in failed_run.data.tags["fail_reason"]
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--trials", "0"], "--trials and --epochs must be at least 1"),
+        (["--epochs", "-1"], "--trials and --epochs must be at least 1"),
+        (["--device", "tpu"], "unknown device"),
+        (["--storage", "nosuchdb://x/y"], "cannot open --storage"),
+        (["--storage", "sqlite:////no/such/folder/x.db"], "cannot open --storage"),
+        (["--storage", "/no/such/folder/study.journal"], "cannot open --storage"),
+        (["--tracking-uri", "http://127.0.0.1:9"], "cannot use the MLflow"),
+        (["--tracking-uri", "./mlruns"], "cannot use the MLflow"),
+        (["--timeout", "0"], "--timeout must be positive"),
+    ],
+)
+def test_bad_flags_exit_2_with_a_message_and_create_nothing(in_tmp, flags, message, capsys):
+    before = set(in_tmp.iterdir())
+    with pytest.raises(SystemExit) as exit_:
+        mstudy.main(["--no-champion", *flags])
+    assert exit_.value.code == 2
+    assert message in capsys.readouterr().err
+    assert set(in_tmp.iterdir()) == before
+
+
+def test_help_is_instant():
+    import subprocess
+    import sys
+    import time
+
+    start = time.perf_counter()
+    done = subprocess.run([sys.executable, "-m", "mnist_search.study", "--help"],
+                          capture_output=True, text=True)  # fmt: skip
+    assert done.returncode == 0 and "--trials" in done.stdout and "(default: 50)" in done.stdout
+    assert "torch" not in done.stderr
+    assert time.perf_counter() - start < 5  # generous: no torch/optuna/mlflow import
