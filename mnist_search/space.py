@@ -10,7 +10,7 @@ import optuna
 
 from mnist_search.train import TrainConfig
 
-BATCH_SIZES = [64, 128, 256, 512]
+BATCH_SIZES = [128, 256, 512]  # 64 cost ~2x per sample on 2 CPU cores for no gain seen
 
 
 def suggest_config(trial: optuna.Trial, epochs: int, seed: int) -> TrainConfig:

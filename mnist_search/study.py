@@ -32,7 +32,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="finished (complete + pruned) trials the study should have; a rerun "
         "tops it up, failed trials do not count",
     )
-    p.add_argument("--epochs", type=int, default=15, help="most epochs per trial")
+    p.add_argument("--epochs", type=int, default=10, help="most epochs per trial")
     p.add_argument("--study-name", default="mnist-mlp")
     p.add_argument(
         "--storage",

@@ -22,21 +22,28 @@ def synthetic_images(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     return images.clamp(0, 255).to(torch.uint8), labels
 
 
-@pytest.fixture
-def synthetic_mnist(tmp_path, monkeypatch) -> Path:
-    """A data dir with 600 train / 200 test fake images; their digests stand in for the
-    official ones, so the real verification and torchvision loading paths run on them."""
-    data_dir = tmp_path / "data"
+def write_synthetic_mnist(data_dir: Path) -> dict[str, str]:
+    """600 train / 200 test fake images in torchvision's layout; returns their digests."""
     raw = mdata.raw_dir(data_dir)
     raw.mkdir(parents=True)
     for prefix, n, seed in (("train", 600, 0), ("t10k", 200, 1)):
         images, labels = synthetic_images(n, seed)
         mdata.write_idx(raw / f"{prefix}-images-idx3-ubyte", images)
         mdata.write_idx(raw / f"{prefix}-labels-idx1-ubyte", labels)
-    digests = {name: mdata.sha256_file(raw / name) for name in mdata.OFFICIAL_SHA256}
-    monkeypatch.setattr(mdata, "OFFICIAL_SHA256", digests)
+    return {name: mdata.sha256_file(raw / name) for name in mdata.OFFICIAL_SHA256}
+
+
+def use_synthetic_mnist(monkeypatch, data_dir: Path) -> Path:
+    """Let the synthetic files' digests stand in for the official ones, so the real
+    verification and torchvision loading paths run on them."""
+    monkeypatch.setattr(mdata, "OFFICIAL_SHA256", write_synthetic_mnist(data_dir))
     monkeypatch.setattr(mdata, "VAL_SIZE", 100)
     return data_dir
+
+
+@pytest.fixture
+def synthetic_mnist(tmp_path, monkeypatch) -> Path:
+    return use_synthetic_mnist(monkeypatch, tmp_path / "data")
 
 
 @pytest.fixture(scope="session")

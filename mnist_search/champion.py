@@ -1,0 +1,258 @@
+"""The champion: retrain the best trial on all 60,000 training images, test it once, export it,
+register it in the MLflow Model Registry.
+
+Runs at the end of every study, or on demand:
+`python -m mnist_search.champion --study-name NAME [--storage ...] [--tracking-uri ...]`.
+This is the only place the test set is read.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pandas as pd
+import torch
+from mlflow import MlflowClient
+
+from mnist_search.data import data_digest, load_data, load_images
+from mnist_search.model import PixelClassifier
+from mnist_search.space import config_from_params
+from mnist_search.tracking import PARENT_TAG, ROLE_TAG, STUDY_TAG
+from mnist_search.train import fit
+
+
+def test_report(model: PixelClassifier, images: torch.Tensor, labels: torch.Tensor) -> dict:
+    """Accuracy, per-class accuracy, confusion matrix and mistakes of `model` on raw images."""
+    with torch.no_grad():
+        probs = model(images)  # (N, 10)
+    pred = probs.argmax(1)
+    confusion = torch.zeros(10, 10, dtype=torch.long)
+    confusion.index_put_((labels, pred), torch.ones_like(labels), accumulate=True)
+    wrong = (pred != labels).nonzero().squeeze(1)
+    return {
+        "accuracy": (pred == labels).float().mean().item(),
+        "per_class": (confusion.diag() / confusion.sum(1)).tolist(),
+        "confusion": pd.DataFrame(
+            confusion.numpy(),
+            index=pd.Index(range(10), name="true"),
+            columns=pd.Index(range(10), name="predicted"),
+        ),
+        "misclassified": wrong.tolist(),
+        "probs": probs,
+    }
+
+
+def export_folder(model: PixelClassifier, meta: dict, metrics: dict, test_images, out: Path):
+    """Weights (weights_only-loadable), config, metrics and ONNX; loads without this package."""
+    out.mkdir(parents=True, exist_ok=True)
+    torch.save(model.state_dict(), out / "weights.pt")
+    (out / "config.json").write_text(json.dumps(meta, indent=2))
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    example = test_images[:8].float()
+    try:
+        torch.onnx.export(
+            copy.deepcopy(model),  # the exporter can leave its tracing hooks on what it is given
+            (example,),
+            str(out / "model.onnx"),
+            input_names=["pixels"],
+            output_names=["probabilities"],
+            dynamic_shapes=({0: torch.export.Dim("batch")},),
+            external_data=False,
+        )
+    except ImportError as e:
+        print(f"ONNX export skipped ({e}); install the [onnx] extra", file=sys.stderr)
+    return out
+
+
+def onnx_max_error(model: PixelClassifier, onnx_path: Path, images: torch.Tensor) -> float:
+    """Largest absolute difference between ONNX Runtime's and PyTorch's probabilities."""
+    import onnxruntime
+
+    session = onnxruntime.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    x = images.reshape(len(images), -1).float().numpy()
+    (onnx_probs,) = session.run(None, {"pixels": x})
+    with torch.no_grad():
+        torch_probs = model(torch.from_numpy(x)).numpy()
+    return float(np.abs(onnx_probs - torch_probs).max())
+
+
+def register(
+    client: MlflowClient, name: str, run_id: str, model: PixelClassifier, example, tags: dict
+):
+    """Log with the PyTorch flavor and register; the alias goes to the better model."""
+    from mlflow.models import infer_signature
+
+    x = example.reshape(len(example), -1).float().numpy()  # (N, 784) raw pixels 0-255
+    with torch.no_grad():
+        probs = model(torch.from_numpy(x)).numpy()
+    with mlflow.start_run(run_id=run_id):
+        info = mlflow.pytorch.log_model(
+            model,
+            name="model",
+            signature=infer_signature(x, probs),
+            input_example=x[:2],
+            # pt2 (torch.export): loading runs no pickle and needs no mnist_search installed
+            serialization_format="pt2",
+            registered_model_name=name,
+        )
+    version = info.registered_model_version
+    for key, value in tags.items():
+        client.set_model_version_tag(name, str(version), key, str(value))
+    try:
+        current = client.get_model_version_by_alias(name, "champion")
+        current_accuracy = float(current.tags.get("test_accuracy", "nan"))
+    except mlflow.exceptions.MlflowException:
+        current, current_accuracy = None, float("nan")
+    new_accuracy = float(tags["test_accuracy"])
+    if current is None or not new_accuracy < current_accuracy:
+        alias = "champion"
+    else:
+        alias = "challenger"
+    client.set_registered_model_alias(name, alias, str(version))
+    return str(version), alias
+
+
+def crown(
+    study,
+    tracker,
+    data_dir: Path,
+    device,
+    register_as: str = "mnist-mlp",
+    export_root: Path = Path("exports"),
+) -> dict:
+    """Retrain the study's best trial on all training images, test once, export, register."""
+    best = study.best_trial
+    epochs = best.user_attrs.get("best_epoch", best.user_attrs.get("epochs_trained"))
+    seed = study.user_attrs.get("seed", 0)
+    config = config_from_params(best.params, epochs, seed)
+    client = tracker.client
+    run = client.create_run(
+        tracker.experiment_id,
+        run_name=f"champion-trial-{best.number}",
+        tags={PARENT_TAG: tracker.parent_id, ROLE_TAG: "champion", STUDY_TAG: study.study_name},
+    )
+    run_id = run.info.run_id
+    try:
+        client.log_batch(
+            run_id,
+            params=[
+                mlflow.entities.Param(k, str(v))
+                for k, v in {**config.to_dict(), "trial": best.number}.items()
+            ],
+        )
+        start = time.perf_counter()
+        data = load_data(data_dir, device, val_size=0)
+        result = fit(config, data, device, on_epoch_end=lambda e, m, _: _log(client, run_id, m, e))
+        retrain_seconds = time.perf_counter() - start
+
+        model = PixelClassifier(result.model.cpu(), data.mean, data.std).eval()
+        images, labels = load_images(data_dir, train=False)  # the one read of the test set
+        images = images.reshape(len(images), -1)  # (N, 784) raw uint8 pixels
+        report = test_report(model, images, labels)
+        metrics = {
+            "test_accuracy": report["accuracy"],
+            "val_accuracy_in_search": best.value,
+            "retrain_seconds": retrain_seconds,
+            "epochs": epochs,
+        }
+        for k, v in metrics.items():
+            client.log_metric(run_id, k, v)
+        for digit, acc in enumerate(report["per_class"]):
+            client.log_metric(run_id, f"test_accuracy_class_{digit}", acc)
+        with tempfile.TemporaryDirectory() as tmp:
+            report["confusion"].to_csv(f"{tmp}/confusion_matrix.csv")
+            Path(tmp, "misclassified_test_indices.json").write_text(
+                json.dumps(report["misclassified"])
+            )
+            client.log_artifacts(run_id, tmp, "test")
+
+        meta = {
+            "config": config.to_dict(),
+            "mean": data.mean,
+            "std": data.std,
+            "input": "raw pixels 0-255, shape (N, 784) or (N, 28, 28), uint8 or float",
+            "output": "class probabilities (N, 10); the digit is their argmax",
+            "layers": [list(p.shape) for n, p in model.mlp.named_parameters() if "weight" in n],
+            "study": study.study_name,
+            "trial": best.number,
+        }
+        out = export_folder(model, meta, metrics, images, export_root / study.study_name)
+        if (out / "model.onnx").exists():
+            metrics["onnx_max_abs_error"] = onnx_max_error(model, out / "model.onnx", images)
+            client.log_metric(run_id, "onnx_max_abs_error", metrics["onnx_max_abs_error"])
+            (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+        client.log_artifacts(run_id, str(out), "export")
+
+        tags = {
+            "study": study.study_name,
+            "trial": best.number,
+            "test_accuracy": f"{report['accuracy']:.6f}",
+            "data_digest": data_digest(data_dir),
+        }
+        version, alias = register(client, register_as, run_id, model, images[:8], tags)
+    except BaseException:
+        client.set_terminated(run_id, "FAILED")
+        raise
+    client.set_terminated(run_id, "FINISHED")
+    print(
+        f"champion: trial {best.number}, {epochs} epochs retrained on 60,000 images in "
+        f"{retrain_seconds:.0f}s; test accuracy {report['accuracy']:.4f}\n"
+        f"registered as models:/{register_as}/{version} with alias @{alias}\n"
+        f"exported to {out}/"
+    )
+    return {**metrics, "version": version, "alias": alias, "export_dir": out, "run_id": run_id}
+
+
+def _log(client: MlflowClient, run_id: str, metrics: dict, epoch: int) -> None:
+    for key, value in metrics.items():
+        if key != "epoch":
+            client.log_metric(run_id, key, value, step=epoch)
+
+
+def main(argv: list[str] | None = None) -> int:
+    from mnist_search.study import DEFAULT_STORAGE, open_storage
+
+    p = argparse.ArgumentParser(
+        prog="python -m mnist_search.champion",
+        description="Retrain a study's best trial on all training data, test once, export "
+        "and register it.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("--study-name", default="mnist-mlp")
+    p.add_argument("--storage", default=DEFAULT_STORAGE)
+    p.add_argument("--tracking-uri", default=None)
+    p.add_argument("--data-dir", type=Path, default=None)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--register-as", default="mnist-mlp")
+    args = p.parse_args(argv)
+
+    import optuna
+
+    from mnist_search.data import default_data_dir
+    from mnist_search.tracking import StudyTracker, TrackingError
+    from mnist_search.train import resolve_device
+
+    try:
+        device = resolve_device(args.device)
+        storage = open_storage(args.storage)
+        study = optuna.load_study(study_name=args.study_name, storage=storage)
+        tracker = StudyTracker(args.study_name, args.tracking_uri)
+        study.best_trial  # noqa: B018 - raises ValueError when no trial has completed
+    except (ValueError, KeyError, TrackingError) as e:
+        p.error(f"{type(e).__name__}: {e}")
+    tracker.start_parent({})
+    crown(study, tracker, args.data_dir or default_data_dir(), device, args.register_as)
+    tracker.finish_parent()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

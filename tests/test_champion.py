@@ -1,0 +1,230 @@
+"""Retrain, test once, export, register, load, predict, serve: on one tiny synthetic study."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+
+import mlflow
+import numpy as np
+import optuna
+import pytest
+import torch
+from mlflow import MlflowClient
+from PIL import Image
+
+from mnist_search import champion, predict
+from mnist_search import study as mstudy
+from mnist_search.data import load_images
+from tests.conftest import use_synthetic_mnist
+
+
+@pytest.fixture(scope="module")
+def crowned(tmp_path_factory):
+    """A 2-trial study on synthetic data, crowned: (folder, data_dir, crown's result)."""
+    tmp = tmp_path_factory.mktemp("champion")
+    with pytest.MonkeyPatch.context() as mp:  # undone before the tests: each sets what it needs
+        mp.chdir(tmp)
+        mp.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp}/mlflow.db")
+        data_dir = use_synthetic_mnist(mp, tmp / "data")
+        argv = ["--trials", "2", "--epochs", "2", "--data-dir", str(data_dir), "--device", "cpu"]
+        assert mstudy.main(argv + ["--storage", str(tmp / "s.journal")]) == 0
+    storage = mstudy.open_storage(str(tmp / "s.journal"))
+    study = optuna.load_study(study_name="mnist-mlp", storage=storage)
+    metrics = json.loads((tmp / "exports/mnist-mlp/metrics.json").read_text())
+    return tmp, data_dir, study, metrics
+
+
+def test_the_champion_is_registered_with_alias_and_tags(crowned):
+    tmp, _, study, metrics = crowned
+    client = MlflowClient(f"sqlite:///{tmp}/mlflow.db")
+    version = client.get_model_version_by_alias("mnist-mlp", "champion")
+    assert version.tags["study"] == "mnist-mlp"
+    assert version.tags["trial"] == str(study.best_trial.number)
+    assert float(version.tags["test_accuracy"]) == pytest.approx(metrics["test_accuracy"])
+    assert len(version.tags["data_digest"]) == 16
+    run = client.get_run(version.run_id)
+    assert run.data.tags["mnist_search.role"] == "champion"
+    assert run.data.tags["mlflow.parentRunId"]  # nested under the study's parent run
+    assert {a.path for a in client.list_artifacts(run.info.run_id, "test")} == {
+        "test/confusion_matrix.csv",
+        "test/misclassified_test_indices.json",
+    }
+
+
+def test_loads_agree_and_reproduce_the_test_accuracy(crowned, monkeypatch):
+    tmp, data_dir, _, metrics = crowned
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp}/mlflow.db")
+    images, labels = load_images(data_dir, train=False)
+    x = images.reshape(len(images), -1).float().numpy()  # raw 0-255 pixels, (N, 784)
+    pyfunc_probs = np.asarray(mlflow.pyfunc.load_model("models:/mnist-mlp@champion").predict(x))
+    torch_model = mlflow.pytorch.load_model("models:/mnist-mlp@champion")
+    with torch.no_grad():
+        torch_probs = torch_model(torch.from_numpy(x)).numpy()
+    assert np.allclose(pyfunc_probs, torch_probs, atol=1e-6)
+    accuracy = (torch_probs.argmax(1) == labels.numpy()).mean()
+    assert accuracy == pytest.approx(metrics["test_accuracy"], abs=1e-7)
+
+
+def test_export_folder_loads_without_the_package_and_onnx_matches(crowned):
+    tmp, data_dir, _, metrics = crowned
+    out = tmp / "exports/mnist-mlp"
+    assert {p.name for p in out.iterdir()} == {
+        "weights.pt",
+        "config.json",
+        "metrics.json",
+        "model.onnx",
+    }
+    state = torch.load(out / "weights.pt", weights_only=True)
+    config = json.loads((out / "config.json").read_text())
+    assert [list(state[k].shape) for k in state if k.endswith("weight")] == config["layers"]
+    assert metrics["onnx_max_abs_error"] < 1e-5
+    images, _ = load_images(data_dir, train=False)
+    import onnxruntime
+
+    session = onnxruntime.InferenceSession(str(out / "model.onnx"))
+    (probs,) = session.run(None, {"pixels": images.reshape(-1, 784).float().numpy()[:50]})
+    assert probs.shape == (50, 10) and np.allclose(probs.sum(1), 1, atol=1e-5)
+
+
+def test_a_worse_model_becomes_challenger(crowned, monkeypatch):
+    tmp, data_dir, study, metrics = crowned
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp}/mlflow.db")
+    client = MlflowClient()
+    before = client.get_model_version_by_alias("mnist-mlp", "champion").version
+    model = mlflow.pytorch.load_model("models:/mnist-mlp@champion")
+    images, _ = load_images(data_dir, train=False)
+    run_id = client.create_run(client.get_experiment_by_name("mnist-mlp").experiment_id).info.run_id
+    worse = {"test_accuracy": metrics["test_accuracy"] - 0.01}
+    version, alias = champion.register(client, "mnist-mlp", run_id, model, images[:4], worse)
+    assert alias == "challenger"
+    assert str(client.get_model_version_by_alias("mnist-mlp", "champion").version) == str(before)
+    assert str(client.get_model_version_by_alias("mnist-mlp", "challenger").version) == version
+    equal = {"test_accuracy": metrics["test_accuracy"]}
+    version, alias = champion.register(client, "mnist-mlp", run_id, model, images[:4], equal)
+    assert alias == "champion"
+    assert str(client.get_model_version_by_alias("mnist-mlp", "champion").version) == version
+
+
+def digit_canvas() -> np.ndarray:
+    """A light '7'-ish stroke on black, 28x28, MNIST-like."""
+    img = np.zeros((28, 28), np.uint8)
+    img[6:9, 8:21] = 255
+    for i in range(14):
+        img[8 + i, 19 - i // 2 : 21 - i // 2] = 255
+    return img
+
+
+def similarity(a: np.ndarray, b: np.ndarray) -> float:
+    a, b = a.astype(float).ravel(), b.astype(float).ravel()
+    return float(np.corrcoef(a, b)[0, 1])
+
+
+def test_images_of_any_polarity_size_and_mode_become_the_same_mnist_digit(tmp_path):
+    reference = predict.to_mnist(Image.fromarray(digit_canvas()))
+    big = Image.fromarray(digit_canvas()).resize((300, 300), Image.Resampling.BILINEAR)
+    inverted = Image.fromarray(255 - np.asarray(big))
+    variants = {
+        "big.png": big,
+        "inverted.png": inverted,  # dark ink on white paper
+        "rgb.jpg": inverted.convert("RGB"),
+        "wide.png": Image.fromarray(np.pad(digit_canvas(), ((0, 0), (40, 10)))),
+    }
+    for name, image in variants.items():
+        image.save(tmp_path / name)
+        result = predict.load_image(tmp_path / name)
+        assert result.shape == (28, 28) and result.dtype == np.uint8
+        assert similarity(result, reference) > 0.9, name
+        assert result[0].max() == 0 and result[:, 0].max() == 0  # a dark 4-pixel-ish frame
+
+
+@pytest.mark.mnist
+def test_an_mnist_digit_is_left_almost_as_it_was(real_mnist):
+    images, _ = load_images(real_mnist, train=False)
+    for i in range(20):
+        image = images[i].numpy()
+        assert similarity(predict.to_mnist(Image.fromarray(image)), image) > 0.85
+
+
+def test_predict_cli_reports_each_image_and_errors_per_file(crowned, tmp_path, capsys):
+    tmp, _, _, _ = crowned
+    Image.fromarray(digit_canvas()).save(tmp_path / "seven.png")
+    Image.fromarray(255 - digit_canvas()).convert("RGB").save(tmp_path / "seven.jpg")
+    (tmp_path / "broken.png").write_bytes(b"\x89PNG not really")
+    Image.new("L", (28, 28), 255).save(tmp_path / "blank.png")
+    files = ["seven.png", "broken.png", "seven.jpg", "blank.png"]
+    argv = [str(tmp_path / f) for f in files] + ["--tracking-uri", f"sqlite:///{tmp}/mlflow.db"]
+    assert predict.main(argv) == 1  # some files failed
+    out, err = capsys.readouterr()
+    lines = out.strip().splitlines()
+    assert [line.split(":")[0] for line in lines] == [
+        str(tmp_path / "seven.png"),
+        str(tmp_path / "seven.jpg"),
+    ]
+    for line in lines:
+        digit, prob = line.split(": ")[1].split(" (p=")
+        assert 0 <= int(digit) <= 9 and 0 < float(prob.rstrip(")")) <= 1
+    assert "broken.png: error: cannot read image" in err
+    assert "blank.png: error: no digit found" in err
+
+
+def test_predict_cli_rejects_missing_files_and_unknown_models(crowned, tmp_path, capsys):
+    tmp, _, _, _ = crowned
+    with pytest.raises(SystemExit) as exit_:
+        predict.main([str(tmp_path / "nope.png")])
+    assert exit_.value.code == 2 and "no such image file" in capsys.readouterr().err
+    Image.fromarray(digit_canvas()).save(tmp_path / "seven.png")
+    argv = [str(tmp_path / "seven.png"), "--model-uri", "models:/no-such-model@champion"]
+    with pytest.raises(SystemExit) as exit_:
+        predict.main(argv + ["--tracking-uri", f"sqlite:///{tmp}/mlflow.db"])
+    assert exit_.value.code == 2 and "cannot load model" in capsys.readouterr().err
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_mlflow_models_serve_answers_invocations(crowned, monkeypatch):
+    tmp, data_dir, _, _ = crowned
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp}/mlflow.db")
+    port = free_port()
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp}/mlflow.db"}
+    cmd = [sys.executable, "-m", "mlflow", "models", "serve", "-m", "models:/mnist-mlp@champion"]
+    cmd += ["--env-manager", "local", "--host", "127.0.0.1", "--port", str(port)]
+    server = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 90
+        while True:
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=2)
+                break
+            except OSError:
+                if server.poll() is not None or time.monotonic() > deadline:
+                    pytest.fail(f"server did not start: {server.stderr.read().decode()[-2000:]}")
+                time.sleep(0.5)
+        images, _ = load_images(data_dir, train=False)
+        batch = images[:5].reshape(5, -1).tolist()  # raw 0-255 integers, as a client sends them
+        request = urllib.request.Request(
+            f"http://127.0.0.1:{port}/invocations",
+            data=json.dumps({"inputs": batch}).encode(),
+            headers={"Content-Type": "application/json"},
+        )
+        answer = json.loads(urllib.request.urlopen(request, timeout=30).read())
+        served = np.asarray(answer["predictions"])
+        with torch.no_grad():
+            local = mlflow.pytorch.load_model("models:/mnist-mlp@champion")(
+                images[:5].reshape(5, -1).float()
+            ).numpy()
+        assert served.shape == (5, 10) and np.allclose(served, local, atol=1e-5)
+    finally:
+        server.terminate()
+        try:
+            server.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            server.kill()
