@@ -55,11 +55,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seeds the sampler and every trial")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
     p.add_argument(
+        "--pruner",
+        choices=["hyperband", "median", "none"],
+        default="hyperband",
+        help="how trials are stopped early on validation accuracy",
+    )
+    p.add_argument(
         "--timeout",
         type=float,
         default=None,
         help="stop starting new trials after this many seconds",
     )
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        help="trial processes on this machine, sharing the storage (each gets cores / N threads)",
+    )
+    p.add_argument("--worker-id", type=int, default=0, help=argparse.SUPPRESS)
     p.add_argument(
         "--no-champion",
         action="store_true",
@@ -71,6 +84,16 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def make_pruner(name: str, epochs: int):
+    import optuna
+
+    if name == "hyperband":  # brackets of successive halving over 1..epochs
+        return optuna.pruners.HyperbandPruner(min_resource=1, max_resource=epochs)
+    if name == "median":
+        return optuna.pruners.MedianPruner(n_startup_trials=5, n_warmup_steps=2)
+    return optuna.pruners.NopPruner()
+
+
 def open_storage(url: str):
     """An Optuna storage from an RDB URL or a journal-file path."""
     import optuna
@@ -79,6 +102,16 @@ def open_storage(url: str):
     if "://" in url:
         return optuna.storages.RDBStorage(url)
     return JournalStorage(JournalFileBackend(url))
+
+
+def load_existing_study(name: str, storage_url: str):
+    """A study that a former `study` command made, or ValueError naming what is missing."""
+    import optuna
+
+    try:
+        return optuna.load_study(study_name=name, storage=open_storage(storage_url))
+    except KeyError:
+        raise ValueError(f"no study {name!r} in {storage_url}; run the study first") from None
 
 
 def fail_dead_trials(study, storage, tracker) -> list[int]:
@@ -192,6 +225,22 @@ def leaderboard(study, top: int = 10):
     return frame.head(top).reset_index(drop=True)
 
 
+def running_count(study) -> int:
+    from optuna.trial import TrialState
+
+    return len(study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)))
+
+
+def spawn_workers(argv: list[str], workers: int) -> list:
+    """Start workers 1..N-1 as child processes running this same command."""
+    import subprocess
+
+    # The interpreter and whatever ran this (`-m mnist_search.study`, or a script), as launched.
+    launcher = sys.orig_argv[1 : len(sys.orig_argv) - len(sys.argv) + 1]
+    base = [sys.executable, *launcher, *argv, "--no-champion"]
+    return [subprocess.Popen([*base, "--worker-id", str(i)]) for i in range(1, workers)]
+
+
 def finished_count(study) -> int:
     from optuna.trial import TrialState
 
@@ -207,12 +256,22 @@ def run_study(args, storage, tracker, data, device) -> int:
     study = optuna.load_study(study_name=args.study_name, storage=storage)
     done = finished_count(study)
     # Reseed by progress: a resumed study must not replay the first run's random start-up trials.
-    study.sampler = optuna.samplers.TPESampler(seed=args.seed + len(study.trials))
+    # Workers get their own streams, so they do not propose the same start-up trials.
+    seed = args.seed + len(study.trials) + 1000 * args.worker_id
+    study.sampler = optuna.samplers.TPESampler(seed=seed)
     start, failures_in_a_row = time.monotonic(), 0
     objective = make_objective(data, device, args.epochs, args.seed, tracker)
-    bar = tqdm(total=args.trials, initial=done, desc=f"study {args.study_name}", unit="trial")
+    bar = tqdm(
+        total=args.trials,
+        initial=done,
+        desc=f"study {args.study_name}",
+        unit="trial",
+        disable=args.worker_id > 0,  # one progress bar: the first worker's
+    )
     try:
-        while finished_count(study) < args.trials:
+        # Start a trial only while finished + running ones fall short, so that N workers
+        # stop at exactly --trials (a rerun tops up if a running one fails).
+        while finished_count(study) + running_count(study) < args.trials:
             if args.timeout is not None and time.monotonic() - start > args.timeout:
                 print(f"--timeout {args.timeout:g}s reached; rerun to finish", file=sys.stderr)
                 break
@@ -231,7 +290,7 @@ def run_study(args, storage, tracker, data, device) -> int:
 
 
 def report(study, tracker, out_dir: Path) -> None:
-    """Print the leaderboard and keep it: a CSV locally and on the study's parent run."""
+    """Print the leaderboard; keep it and the study's figures locally and on the parent run."""
     board = leaderboard(study)
     if board.empty:
         print("no finished trials yet")
@@ -243,13 +302,17 @@ def report(study, tracker, out_dir: Path) -> None:
     columns = ["trial", "state", "val_accuracy", "epochs", "seconds"]
     print(board[columns].to_string(index=False, float_format=lambda v: f"{v:.4f}"))
     print(f"leaderboard saved to {path}")
+    from mnist_search.report import study_figures
+
+    for figure in study_figures(study, out_dir / "figures"):
+        tracker.log_parent_file(figure, "figures")
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.trials < 1 or args.epochs < 1:
-        parser.error("--trials and --epochs must be at least 1")
+    if args.trials < 1 or args.epochs < 1 or args.workers < 1:
+        parser.error("--trials, --epochs and --workers must be at least 1")
     if args.timeout is not None and args.timeout <= 0:
         parser.error("--timeout must be positive")
 
@@ -276,19 +339,19 @@ def main(argv: list[str] | None = None) -> int:
         tracker = StudyTracker(args.study_name, args.tracking_uri)
     except TrackingError as e:
         parser.error(str(e))
-    storage = storage or open_storage(args.storage)
     data_dir = args.data_dir or mdata.default_data_dir()
     try:
         mdata.ensure_mnist(data_dir)
     except mdata.DataError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
+    storage = storage or open_storage(args.storage)
 
     study = optuna.create_study(
         study_name=args.study_name,
         storage=storage,
         direction="maximize",
-        pruner=optuna.pruners.HyperbandPruner(min_resource=1, max_resource=args.epochs),
+        pruner=make_pruner(args.pruner, args.epochs),
         load_if_exists=True,
     )
     if "seed" not in study.user_attrs:  # the champion retrains with the study's own seed
@@ -299,7 +362,7 @@ def main(argv: list[str] | None = None) -> int:
             "seed": args.seed,
             "epochs": args.epochs,
             "sampler": "TPESampler",
-            "pruner": f"HyperbandPruner(min_resource=1, max_resource={args.epochs})",
+            "pruner": f"{args.pruner}: {type(study.pruner).__name__}",
             "objective": "max validation accuracy over epochs",
             "data_digest": mdata.data_digest(data_dir),
             "val_size": mdata.VAL_SIZE,
@@ -312,14 +375,29 @@ def main(argv: list[str] | None = None) -> int:
     data = mdata.load_data(data_dir, device)
     out_dir = Path("reports") / args.study_name
     signal.signal(signal.SIGTERM, _raise_interrupt)  # `kill` ends runs cleanly, like Ctrl-C
+    if args.workers > 1:  # the matmuls of N trials share the cores
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // args.workers))
+    if args.worker_id > 0:  # a child worker: trials only; the first worker reports and crowns
+        try:
+            return run_study(args, storage, tracker, data, device)
+        except KeyboardInterrupt:
+            return 130
+    children = spawn_workers(sys.argv[1:] if argv is None else argv, args.workers)
     try:
         code = run_study(args, storage, tracker, data, device)
+        code = max([code] + [child.wait() for child in children])
     except KeyboardInterrupt:
+        for child in children:
+            child.terminate()  # SIGTERM: each ends its trial as interrupted
+        for child in children:
+            child.wait()
         print("\ninterrupted: the current trial ended as FAIL/KILLED; rerun to resume")
         report(study, tracker, out_dir)
         tracker.finish_parent("KILLED")
         return 130
     except BaseException:
+        for child in children:
+            child.terminate()
         tracker.finish_parent("FAILED")
         raise
     report(study, tracker, out_dir)

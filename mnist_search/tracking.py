@@ -24,6 +24,8 @@ ROLE_TAG = "mnist_search.role"  # study | trial | champion | explore
 STUDY_TAG = "mnist_search.study"
 PARENT_TAG = "mlflow.parentRunId"  # what makes the MLflow UI nest a run under another
 WEIGHTS_DIR = "model"
+# Opens the experiment on the MLflow UI's "Model training" view rather than its GenAI one.
+TRAINING_EXPERIMENT = {"mlflow.experimentKind": "custom_model_development"}
 
 
 class TrackingError(RuntimeError):
@@ -110,7 +112,7 @@ class StudyTracker:
                 self.experiment_id = (
                     experiment.experiment_id
                     if experiment
-                    else self.client.create_experiment(study_name)
+                    else self.client.create_experiment(study_name, tags=TRAINING_EXPERIMENT)
                 )
         except Exception as e:  # noqa: BLE001 - any failure here means the store is unusable
             uri = tracking_uri or mlflow.get_tracking_uri()
@@ -120,8 +122,8 @@ class StudyTracker:
             ) from e
         self.parent_id: str | None = None
 
-    def start_parent(self, params: dict) -> str:
-        """Reopen the study's parent run if a former invocation made one, else create it."""
+    def find_parent(self) -> str | None:
+        """The study's parent run, if a former invocation made one (status untouched)."""
         found = self.client.search_runs(
             [self.experiment_id],
             filter_string=(
@@ -130,8 +132,12 @@ class StudyTracker:
             order_by=["attributes.start_time ASC"],
             max_results=1,
         )
-        if found:
-            self.parent_id = found[0].info.run_id
+        self.parent_id = found[0].info.run_id if found else None
+        return self.parent_id
+
+    def start_parent(self, params: dict) -> str:
+        """Reopen the study's parent run if a former invocation made one, else create it."""
+        if self.find_parent():
             self.client.update_run(self.parent_id, status="RUNNING")
         else:
             run = self.client.create_run(

@@ -54,6 +54,16 @@ def real_mnist() -> Path:
     return data_dir
 
 
+@pytest.fixture(autouse=True)
+def _restore_mlflow_tracking_uri():
+    """CLIs called in-process may `mlflow.set_tracking_uri`: undo it after every test."""
+    from mlflow.tracking._tracking_service import utils
+
+    saved = utils._tracking_uri
+    yield
+    utils._tracking_uri = saved
+
+
 @pytest.fixture
 def in_tmp(tmp_path, monkeypatch) -> Path:
     """Run in tmp_path with MLflow pointed at a store inside it, so no test touches ./mlruns."""

@@ -76,8 +76,8 @@ def test_pruned_and_failed_trials_are_recorded_as_such(in_tmp, synthetic_mnist):
     # a pruner that prunes everything after the first epoch
     study = optuna.create_study(direction="maximize", pruner=optuna.pruners.ThresholdPruner(2.0))
     study.optimize(objective, n_trials=1)
-    # an lr so high the loss overflows: the trial fails with its reason, the study goes on
-    study.enqueue_trial({"lr": 1e30} | study.trials[0].params | {"lr": 1e30})
+    # a diverging trial (its loss becomes NaN) fails with its reason, and the study goes on
+    data.train.x[0, 0] = float("nan")
     study.optimize(objective, n_trials=1, catch=(Exception,))
     pruned, failed = study.trials
     assert pruned.state.name == "PRUNED" and failed.state.name == "FAIL"
@@ -96,8 +96,8 @@ def test_pruned_and_failed_trials_are_recorded_as_such(in_tmp, synthetic_mnist):
 @pytest.mark.parametrize(
     "flags, message",
     [
-        (["--trials", "0"], "--trials and --epochs must be at least 1"),
-        (["--epochs", "-1"], "--trials and --epochs must be at least 1"),
+        (["--trials", "0"], "--trials, --epochs and --workers must be at least 1"),
+        (["--epochs", "-1"], "--trials, --epochs and --workers must be at least 1"),
         (["--device", "tpu"], "unknown device"),
         (["--storage", "nosuchdb://x/y"], "cannot open --storage"),
         (["--storage", "sqlite:////no/such/folder/x.db"], "cannot open --storage"),
