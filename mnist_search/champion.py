@@ -50,6 +50,18 @@ def test_report(model: PixelClassifier, images: torch.Tensor, labels: torch.Tens
     }
 
 
+def model_figures(report: dict, images, labels, out: Path) -> Path:
+    """Confusion heatmap, per-class accuracy and the most confident mistakes, in out/champion."""
+    from mnist_search import report as figures
+
+    folder = out / "champion"
+    folder.mkdir(parents=True, exist_ok=True)
+    figures.confusion_heatmap(report["confusion"].to_numpy(), folder / "confusion_matrix.png")
+    figures.per_class_accuracy(report["per_class"], folder / "per_class_accuracy.png")
+    figures.confident_mistakes(images, labels, report["probs"], folder / "confident_mistakes.png")
+    return folder
+
+
 def export_folder(model: PixelClassifier, meta: dict, metrics: dict, test_images, out: Path):
     """Weights (weights_only-loadable), config, metrics and ONNX; loads without this package."""
     out.mkdir(parents=True, exist_ok=True)
@@ -167,6 +179,8 @@ def crown(
             client.log_metric(run_id, k, v)
         for digit, acc in enumerate(report["per_class"]):
             client.log_metric(run_id, f"test_accuracy_class_{digit}", acc)
+        figures = model_figures(report, images, labels, Path("reports") / study.study_name)
+        client.log_artifacts(run_id, str(figures), "figures")
         with tempfile.TemporaryDirectory() as tmp:
             report["confusion"].to_csv(f"{tmp}/confusion_matrix.csv")
             Path(tmp, "misclassified_test_indices.json").write_text(
@@ -178,7 +192,8 @@ def crown(
             "config": config.to_dict(),
             "mean": data.mean,
             "std": data.std,
-            "input": "raw pixels 0-255, shape (N, 784) or (N, 28, 28), uint8 or float",
+            "input": "raw pixels 0-255: model.onnx takes (N, 784) float32; weights.pt fits "
+            "mnist_search.model.PixelClassifier, which also takes (N, 28, 28) and uint8",
             "output": "class probabilities (N, 10); the digit is their argmax",
             "layers": [list(p.shape) for n, p in model.mlp.named_parameters() if "weight" in n],
             "study": study.study_name,
@@ -218,7 +233,7 @@ def _log(client: MlflowClient, run_id: str, metrics: dict, epoch: int) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from mnist_search.study import DEFAULT_STORAGE, open_storage
+    from mnist_search.study import DEFAULT_STORAGE, load_existing_study
 
     p = argparse.ArgumentParser(
         prog="python -m mnist_search.champion",
@@ -234,23 +249,20 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--register-as", default="mnist-mlp")
     args = p.parse_args(argv)
 
-    import optuna
-
     from mnist_search.data import default_data_dir
     from mnist_search.tracking import StudyTracker, TrackingError
     from mnist_search.train import resolve_device
 
     try:
         device = resolve_device(args.device)
-        storage = open_storage(args.storage)
-        study = optuna.load_study(study_name=args.study_name, storage=storage)
+        study = load_existing_study(args.study_name, args.storage)
         tracker = StudyTracker(args.study_name, args.tracking_uri)
         study.best_trial  # noqa: B018 - raises ValueError when no trial has completed
-    except (ValueError, KeyError, TrackingError) as e:
+    except (ValueError, TrackingError) as e:
         p.error(f"{type(e).__name__}: {e}")
-    tracker.start_parent({})
+    if tracker.find_parent() is None:
+        p.error(f"no MLflow parent run for study {args.study_name!r}; run the study first")
     crown(study, tracker, args.data_dir or default_data_dir(), device, args.register_as)
-    tracker.finish_parent()
     return 0
 
 

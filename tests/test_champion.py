@@ -49,6 +49,11 @@ def test_the_champion_is_registered_with_alias_and_tags(crowned):
     run = client.get_run(version.run_id)
     assert run.data.tags["mnist_search.role"] == "champion"
     assert run.data.tags["mlflow.parentRunId"]  # nested under the study's parent run
+    assert {a.path for a in client.list_artifacts(run.info.run_id, "figures")} == {
+        "figures/confusion_matrix.png",
+        "figures/per_class_accuracy.png",
+        "figures/confident_mistakes.png",
+    }
     assert {a.path for a in client.list_artifacts(run.info.run_id, "test")} == {
         "test/confusion_matrix.csv",
         "test/misclassified_test_indices.json",
