@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 DEFAULT_STORAGE = "optuna-journal.log"
+PARENT_ATTR = "mlflow_parent_run_id"  # study user attribute: the MLflow parent run
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -99,9 +100,37 @@ def open_storage(url: str):
     import optuna
     from optuna.storages.journal import JournalFileBackend, JournalStorage
 
-    if "://" in url:
-        return optuna.storages.RDBStorage(url)
+    if "://" in url:  # the heartbeat fails trials of workers that died on any host
+        return optuna.storages.RDBStorage(url, heartbeat_interval=30, grace_period=120)
     return JournalStorage(JournalFileBackend(url))
+
+
+def open_study(name: str, storage, pruner, seed: int, tracker, params: dict):
+    """Create the study and its MLflow parent run exactly once, however many workers start
+    together: creating a study is atomic in every Optuna storage, so the one worker whose
+    create succeeds makes the parent run and records its id on the study; the others wait
+    for that id and reopen the same run."""
+    import optuna
+
+    try:
+        study = optuna.create_study(
+            study_name=name, storage=storage, direction="maximize", pruner=pruner
+        )
+    except optuna.exceptions.DuplicatedStudyError:
+        study = optuna.load_study(study_name=name, storage=storage, pruner=pruner)
+    else:
+        study.set_user_attr("seed", seed)  # the champion retrains with the study's own seed
+        study.set_user_attr(PARENT_ATTR, tracker.create_parent(params))
+        return study
+    deadline = time.monotonic() + 60
+    while PARENT_ATTR not in study.user_attrs and time.monotonic() < deadline:
+        time.sleep(0.5)  # the creating worker is making the parent run
+    run_id = study.user_attrs.get(PARENT_ATTR) or tracker.find_parent()
+    if run_id is None:  # its creator died before making one
+        run_id = tracker.create_parent(params)
+        study.set_user_attr(PARENT_ATTR, run_id)
+    tracker.reopen_parent(run_id)
+    return study
 
 
 def load_existing_study(name: str, storage_url: str):
@@ -116,20 +145,19 @@ def load_existing_study(name: str, storage_url: str):
 
 def fail_dead_trials(study, storage, tracker) -> list[int]:
     """Mark FAIL every RUNNING trial whose process (on this host) is gone, e.g. after kill -9,
-    and close the MLflow runs that no live trial owns. Returns the trial numbers it failed."""
+    and close the MLflow runs of trials that are not running. Returns the trials it failed.
+    (On an RDB storage, Optuna's heartbeat also catches dead workers on other hosts.)"""
     from optuna.trial import TrialState
 
     failed = []
-    live_runs = set()
     for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         host, pid = t.user_attrs.get("host"), t.user_attrs.get("pid")
         if host == socket.gethostname() and pid is not None and not _alive(pid):
             storage.set_trial_user_attr(t._trial_id, "fail_reason", "process died")
             storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
             failed.append(t.number)
-        elif "mlflow_run_id" in t.user_attrs:
-            live_runs.add(t.user_attrs["mlflow_run_id"])
-    tracker.close_orphans(live_runs)
+    running = {t.number for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))}
+    tracker.close_orphans(lambda number: number in running)
     return failed
 
 
@@ -247,13 +275,12 @@ def finished_count(study) -> int:
     return len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED)))
 
 
-def run_study(args, storage, tracker, data, device) -> int:
+def run_study(args, study, storage, tracker, data, device) -> int:
     """Optimize until the study has `args.trials` finished trials. Returns an exit code."""
     import optuna
     from tqdm import tqdm
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    study = optuna.load_study(study_name=args.study_name, storage=storage)
     done = finished_count(study)
     # Reseed by progress: a resumed study must not replay the first run's random start-up trials.
     # Workers get their own streams, so they do not propose the same start-up trials.
@@ -275,6 +302,7 @@ def run_study(args, storage, tracker, data, device) -> int:
             if args.timeout is not None and time.monotonic() - start > args.timeout:
                 print(f"--timeout {args.timeout:g}s reached; rerun to finish", file=sys.stderr)
                 break
+            fail_dead_trials(study, storage, tracker)
             study.optimize(objective, n_trials=1, catch=(Exception,))
             last = study.trials[-1]
             failures_in_a_row = failures_in_a_row + 1 if last.state.name == "FAIL" else 0
@@ -347,30 +375,21 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     storage = storage or open_storage(args.storage)
 
-    study = optuna.create_study(
-        study_name=args.study_name,
-        storage=storage,
-        direction="maximize",
-        pruner=make_pruner(args.pruner, args.epochs),
-        load_if_exists=True,
-    )
-    if "seed" not in study.user_attrs:  # the champion retrains with the study's own seed
-        study.set_user_attr("seed", args.seed)
-    tracker.start_parent(
-        {
-            "study_name": args.study_name,
-            "seed": args.seed,
-            "epochs": args.epochs,
-            "sampler": "TPESampler",
-            "pruner": f"{args.pruner}: {type(study.pruner).__name__}",
-            "objective": "max validation accuracy over epochs",
-            "data_digest": mdata.data_digest(data_dir),
-            "val_size": mdata.VAL_SIZE,
-            "torch": torch.__version__,
-            "optuna": optuna.__version__,
-            "mlflow": __import__("mlflow").__version__,
-        }
-    )
+    pruner = make_pruner(args.pruner, args.epochs)
+    params = {
+        "study_name": args.study_name,
+        "seed": args.seed,
+        "epochs": args.epochs,
+        "sampler": "TPESampler",
+        "pruner": f"{args.pruner}: {type(pruner).__name__}",
+        "objective": "max validation accuracy over epochs",
+        "data_digest": mdata.data_digest(data_dir),
+        "val_size": mdata.VAL_SIZE,
+        "torch": torch.__version__,
+        "optuna": optuna.__version__,
+        "mlflow": __import__("mlflow").__version__,
+    }
+    study = open_study(args.study_name, storage, pruner, args.seed, tracker, params)
     fail_dead_trials(study, storage, tracker)
     data = mdata.load_data(data_dir, device)
     out_dir = Path("reports") / args.study_name
@@ -379,12 +398,12 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // args.workers))
     if args.worker_id > 0:  # a child worker: trials only; the first worker reports and crowns
         try:
-            return run_study(args, storage, tracker, data, device)
+            return run_study(args, study, storage, tracker, data, device)
         except KeyboardInterrupt:
             return 130
     children = spawn_workers(sys.argv[1:] if argv is None else argv, args.workers)
     try:
-        code = run_study(args, storage, tracker, data, device)
+        code = run_study(args, study, storage, tracker, data, device)
         code = max([code] + [child.wait() for child in children])
     except KeyboardInterrupt:
         for child in children:

@@ -108,12 +108,7 @@ class StudyTracker:
         try:
             with _fail_fast():
                 self.client = MlflowClient(tracking_uri)
-                experiment = self.client.get_experiment_by_name(study_name)
-                self.experiment_id = (
-                    experiment.experiment_id
-                    if experiment
-                    else self.client.create_experiment(study_name, tags=TRAINING_EXPERIMENT)
-                )
+                self.experiment_id = self._experiment_id(study_name)
         except Exception as e:  # noqa: BLE001 - any failure here means the store is unusable
             uri = tracking_uri or mlflow.get_tracking_uri()
             raise TrackingError(
@@ -122,8 +117,20 @@ class StudyTracker:
             ) from e
         self.parent_id: str | None = None
 
+    def _experiment_id(self, name: str) -> str:
+        experiment = self.client.get_experiment_by_name(name)
+        if experiment:
+            return experiment.experiment_id
+        try:
+            return self.client.create_experiment(name, tags=TRAINING_EXPERIMENT)
+        except mlflow.exceptions.MlflowException:  # another worker created it just now
+            experiment = self.client.get_experiment_by_name(name)
+            if experiment is None:
+                raise
+            return experiment.experiment_id
+
     def find_parent(self) -> str | None:
-        """The study's parent run, if a former invocation made one (status untouched)."""
+        """The study's parent run, if one was made (status untouched)."""
         found = self.client.search_runs(
             [self.experiment_id],
             filter_string=(
@@ -135,19 +142,20 @@ class StudyTracker:
         self.parent_id = found[0].info.run_id if found else None
         return self.parent_id
 
-    def start_parent(self, params: dict) -> str:
-        """Reopen the study's parent run if a former invocation made one, else create it."""
-        if self.find_parent():
-            self.client.update_run(self.parent_id, status="RUNNING")
-        else:
-            run = self.client.create_run(
-                self.experiment_id,
-                run_name=f"study-{self.study_name}",
-                tags={ROLE_TAG: "study", STUDY_TAG: self.study_name},
-            )
-            self.parent_id = run.info.run_id
-            self.client.log_batch(self.parent_id, params=_params(params))
+    def create_parent(self, params: dict) -> str:
+        run = self.client.create_run(
+            self.experiment_id,
+            run_name=f"study-{self.study_name}",
+            tags={ROLE_TAG: "study", STUDY_TAG: self.study_name},
+        )
+        self.parent_id = run.info.run_id
+        self.client.log_batch(self.parent_id, params=_params(params))
         return self.parent_id
+
+    def reopen_parent(self, run_id: str) -> str:
+        self.parent_id = run_id
+        self.client.update_run(run_id, status="RUNNING")
+        return run_id
 
     def start_trial(self, number: int, params: dict) -> TrialRun:
         start = time.perf_counter()
@@ -166,16 +174,17 @@ class StudyTracker:
         trial_run._timed(self.client.log_batch, run.info.run_id, params=_params(params))
         return trial_run
 
-    def close_orphans(self, live_run_ids: set[str]) -> list[str]:
-        """End as KILLED every trial run still RUNNING whose trial is no longer running:
-        what a killed process leaves behind. Returns the run ids it closed."""
+    def close_orphans(self, trial_is_running) -> list[str]:
+        """End as FAILED every trial run still RUNNING whose Optuna trial is not running any
+        more: what a killed process leaves behind. `trial_is_running(number)` asks the study.
+        (A trial is RUNNING before its run is created, so a starting trial is never closed.)"""
         running = self.client.search_runs(
             [self.experiment_id],
             filter_string=f"tags.`{ROLE_TAG}` = 'trial' and attributes.status = 'RUNNING'",
         )
         closed = []
         for run in running:
-            if run.info.run_id not in live_run_ids:
+            if not trial_is_running(int(run.data.tags["optuna_trial_number"])):
                 self.client.set_tag(run.info.run_id, "optuna_state", "FAIL")
                 self.client.set_tag(run.info.run_id, "fail_reason", "process died mid-trial")
                 self.client.set_terminated(run.info.run_id, "FAILED")

@@ -160,7 +160,7 @@ def test_full_disk_while_logging_weights_fails_that_trial_only(
     in_tmp, synthetic_mnist, monkeypatch
 ):
     argv = ["--data-dir", str(synthetic_mnist), "--storage", str(in_tmp / "s.journal")]
-    argv += ["--no-champion", "--epochs", "2", "--device", "cpu"]
+    argv += ["--no-champion", "--epochs", "2", "--device", "cpu", "--pruner", "none"]
     assert mstudy.main(argv + ["--trials", "2"]) == 0
 
     real = MlflowClient.log_artifacts

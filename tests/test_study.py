@@ -28,13 +28,23 @@ def trial_runs(client, study_name="mnist-mlp"):
     return sorted(runs, key=lambda r: int(r.data.tags["optuna_trial_number"]))
 
 
-def test_every_trial_is_a_child_run_with_metrics_and_weights(in_tmp, synthetic_mnist):
+def test_every_trial_is_a_child_run_with_metrics_and_weights(in_tmp, synthetic_mnist, monkeypatch):
+    pruners = []  # the pruner each optimize call really uses
+    optimize = optuna.study.Study.optimize
+
+    def spy(self, *args, **kwargs):
+        pruners.append(type(self.pruner).__name__)
+        return optimize(self, *args, **kwargs)
+
+    monkeypatch.setattr(optuna.study.Study, "optimize", spy)
     assert run(in_tmp, synthetic_mnist, "--trials", "3") == 0
+    assert pruners == ["HyperbandPruner"] * 3
     study, client = load(in_tmp), MlflowClient()
     exp = client.get_experiment_by_name("mnist-mlp")
     parents = client.search_runs([exp.experiment_id], "tags.`mnist_search.role` = 'study'")
     assert len(parents) == 1 and parents[0].info.status == "FINISHED"
     assert parents[0].data.params["data_digest"]
+    assert study.user_attrs["mlflow_parent_run_id"] == parents[0].info.run_id
     runs = trial_runs(client)
     assert len(runs) == len(study.trials) == 3
     data = load_data(synthetic_mnist)
@@ -70,7 +80,7 @@ def test_rerun_with_more_trials_continues_the_same_study(in_tmp, synthetic_mnist
 
 def test_pruned_and_failed_trials_are_recorded_as_such(in_tmp, synthetic_mnist):
     tracker = StudyTracker("prune-test")
-    tracker.start_parent({})
+    tracker.create_parent({})
     data = load_data(synthetic_mnist)
     objective = mstudy.make_objective(data, "cpu", epochs=3, seed=0, tracker=tracker)
     # a pruner that prunes everything after the first epoch
