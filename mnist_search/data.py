@@ -47,7 +47,7 @@ HUB_PICKLE = "mnist/data/mnist.pkl.gz"
 HUB_PICKLE_SHA256 = "f11bb9e41d6c1b6c124aa38fd605497bdcfe2ee08cf7c2bb5a41ab5d759e1416"
 
 DATA_DIR_ENV = "MNIST_SEARCH_DATA"
-VAL_SIZE = 10_000  # held out of the 60,000 training images, stratified by class
+VAL_SIZE = 10_000  # held out of 60,000, stratified: per-class rounding makes it 10,001
 SPLIT_SEED = 0  # fixed so that every study selects on the same validation images
 
 

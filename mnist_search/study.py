@@ -298,11 +298,13 @@ def run_study(args, study, storage, tracker, data, device) -> int:
     try:
         # Start a trial only while finished + running ones fall short, so that N workers
         # stop at exactly --trials (a rerun tops up if a running one fails).
-        while finished_count(study) + running_count(study) < args.trials:
+        while True:
+            fail_dead_trials(study, storage, tracker)  # a dead worker's trial frees its place
+            if finished_count(study) + running_count(study) >= args.trials:
+                break
             if args.timeout is not None and time.monotonic() - start > args.timeout:
                 print(f"--timeout {args.timeout:g}s reached; rerun to finish", file=sys.stderr)
                 break
-            fail_dead_trials(study, storage, tracker)
             study.optimize(objective, n_trials=1, catch=(Exception,))
             last = study.trials[-1]
             failures_in_a_row = failures_in_a_row + 1 if last.state.name == "FAIL" else 0
@@ -390,7 +392,6 @@ def main(argv: list[str] | None = None) -> int:
         "mlflow": __import__("mlflow").__version__,
     }
     study = open_study(args.study_name, storage, pruner, args.seed, tracker, params)
-    fail_dead_trials(study, storage, tracker)
     data = mdata.load_data(data_dir, device)
     out_dir = Path("reports") / args.study_name
     signal.signal(signal.SIGTERM, _raise_interrupt)  # `kill` ends runs cleanly, like Ctrl-C
