@@ -188,7 +188,7 @@ def make_objective(data, device, epochs: int, seed: int, tracker):
         trial.set_user_attr("pid", os.getpid())
         run = tracker.start_trial(trial.number, trial.params)
         trial.set_user_attr("mlflow_run_id", run.run_id)
-        last = {}  # the model and metrics of the latest epoch, for the weights artifact
+        last = {}  # the model and number of the latest epoch, for the weights artifact
         start = time.perf_counter()
 
         def on_epoch_end(epoch, metrics, model):
@@ -205,11 +205,14 @@ def make_objective(data, device, epochs: int, seed: int, tracker):
             trial.set_user_attr("epochs_trained", last["epoch"])
 
         try:
-            result = fit(config, data, device, on_epoch_end=on_epoch_end)
+            try:
+                result = fit(config, data, device, on_epoch_end=on_epoch_end)
+            except optuna.TrialPruned as e:
+                log_weights()  # if this fails, the trial fails below, with the reason
+                run.finish("KILLED", "PRUNED", str(e))
+                raise
             log_weights()
-        except optuna.TrialPruned as e:
-            log_weights()
-            run.finish("KILLED", "PRUNED", str(e))
+        except optuna.TrialPruned:
             raise
         except KeyboardInterrupt:
             run.finish("KILLED", "INTERRUPTED", "interrupted by the user")

@@ -137,3 +137,23 @@ def test_help_is_instant():
     assert done.returncode == 0 and "--trials" in done.stdout and "(default: 50)" in done.stdout
     assert "torch" not in done.stderr
     assert time.perf_counter() - start < 5  # generous: no torch/optuna/mlflow import
+
+
+def test_a_pruned_trial_whose_weights_cannot_be_saved_fails_with_the_reason(
+    in_tmp, synthetic_mnist, monkeypatch
+):
+    tracker = StudyTracker("prune-full-disk")
+    tracker.create_parent({})
+    objective = mstudy.make_objective(load_data(synthetic_mnist), "cpu", 3, 0, tracker)
+
+    def full(self, run_id, local_dir, artifact_path=None):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(MlflowClient, "log_artifacts", full)
+    study = optuna.create_study(direction="maximize", pruner=optuna.pruners.ThresholdPruner(2.0))
+    study.optimize(objective, n_trials=1, catch=(Exception,))
+    (trial,) = study.trials
+    assert trial.state.name == "FAIL" and "No space left" in trial.user_attrs["fail_reason"]
+    run = MlflowClient().get_run(trial.user_attrs["mlflow_run_id"])
+    assert run.info.status == "FAILED"  # closed with the reason, not left RUNNING
+    assert "No space left" in run.data.tags["fail_reason"]
