@@ -147,22 +147,57 @@ def fail_dead_trials(study, storage, tracker) -> list[int]:
     """Mark FAIL every RUNNING trial whose process (on this host) is gone, e.g. after kill -9,
     and close the MLflow runs of trials that are not running. Returns the trials it failed.
     (On an RDB storage, Optuna's heartbeat also catches dead workers on other hosts.)"""
+    import optuna
     from optuna.trial import TrialState
 
     failed = []
     for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         host, pid = t.user_attrs.get("host"), t.user_attrs.get("pid")
         if host == socket.gethostname() and pid is not None and not _alive(pid):
-            storage.set_trial_user_attr(t._trial_id, "fail_reason", "process died")
-            storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
+            try:
+                storage.set_trial_user_attr(t._trial_id, "fail_reason", "process died")
+                storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
+            except optuna.exceptions.UpdateFinishedTrialError:
+                continue  # another worker failed it first
             failed.append(t.number)
     running = {t.number for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))}
     tracker.close_orphans(lambda number: number in running)
     return failed
 
 
-def _raise_interrupt(signum, frame):
-    raise KeyboardInterrupt(f"signal {signum}")
+class Interrupts:
+    """Ctrl-C and SIGTERM stop the study, but never in the middle of MLflow, Optuna or database
+    I/O: an interrupt landing there (a half-written transaction would keep the store locked) is
+    held, and raised at the next `check()`: after each epoch and between trials."""
+
+    LIBRARIES = ("/mlflow/", "/optuna/", "/sqlalchemy/", "/sqlite3/", "/psycopg", "/urllib3/")
+
+    def __init__(self):
+        self.pending: int | None = None
+
+    def install(self) -> None:
+        signal.signal(signal.SIGTERM, self._handle)
+        if signal.getsignal(signal.SIGINT) is not signal.SIG_IGN:  # kept ignored if it was
+            signal.signal(signal.SIGINT, self._handle)
+
+    def _handle(self, signum, frame) -> None:
+        while frame is not None:  # innermost first: whose code is running?
+            name = frame.f_code.co_filename
+            if any(library in name for library in self.LIBRARIES):
+                self.pending = signum  # inside I/O: hold it
+                return
+            if f"{os.sep}mnist_search{os.sep}" in name:
+                break  # our own code (training, between calls): safe to stop here
+            frame = frame.f_back
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    def check(self) -> None:
+        if self.pending is not None:
+            signum, self.pending = self.pending, None
+            raise KeyboardInterrupt(f"signal {signum}")
+
+
+INTERRUPTS = Interrupts()
 
 
 def _alive(pid: int) -> bool:
@@ -172,7 +207,11 @@ def _alive(pid: int) -> bool:
         return False
     except PermissionError:
         return True
-    return True
+    try:  # a killed worker stays a zombie until its parent reaps it: dead all the same
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:  # no /proc (not Linux): trust kill(pid, 0)
+        return True
 
 
 def make_objective(data, device, epochs: int, seed: int, tracker):
@@ -195,6 +234,7 @@ def make_objective(data, device, epochs: int, seed: int, tracker):
             run.log_epoch(metrics, step=epoch)
             last.update(model=model, epoch=epoch)
             trial.report(metrics["val_accuracy"], epoch)
+            INTERRUPTS.check()  # a Ctrl-C held during the I/O above stops here
             if trial.should_prune():
                 raise optuna.TrialPruned(f"pruned after epoch {epoch}")
 
@@ -302,6 +342,7 @@ def run_study(args, study, storage, tracker, data, device) -> int:
         # Start a trial only while finished + running ones fall short, so that N workers
         # stop at exactly --trials (a rerun tops up if a running one fails).
         while True:
+            INTERRUPTS.check()
             fail_dead_trials(study, storage, tracker)  # a dead worker's trial frees its place
             if finished_count(study) + running_count(study) >= args.trials:
                 break
@@ -397,7 +438,7 @@ def main(argv: list[str] | None = None) -> int:
     study = open_study(args.study_name, storage, pruner, args.seed, tracker, params)
     data = mdata.load_data(data_dir, device)
     out_dir = Path("reports") / args.study_name
-    signal.signal(signal.SIGTERM, _raise_interrupt)  # `kill` ends runs cleanly, like Ctrl-C
+    INTERRUPTS.install()  # `kill` ends runs cleanly, like Ctrl-C
     if args.workers > 1:  # the matmuls of N trials share the cores
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // args.workers))
     if args.worker_id > 0:  # a child worker: trials only; the first worker reports and crowns

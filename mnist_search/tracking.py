@@ -184,11 +184,17 @@ class StudyTracker:
         )
         closed = []
         for run in running:
-            if not trial_is_running(int(run.data.tags["optuna_trial_number"])):
-                self.client.set_tag(run.info.run_id, "optuna_state", "FAIL")
-                self.client.set_tag(run.info.run_id, "fail_reason", "process died mid-trial")
+            if trial_is_running(int(run.data.tags["optuna_trial_number"])):
+                continue
+            tags = {"optuna_state": "FAIL", "fail_reason": "process died mid-trial"}
+            try:
+                for key, value in tags.items():
+                    if run.data.tags.get(key) != value:
+                        self.client.set_tag(run.info.run_id, key, value)
                 self.client.set_terminated(run.info.run_id, "FAILED")
-                closed.append(run.info.run_id)
+            except mlflow.exceptions.MlflowException:
+                continue  # another worker is closing the same run
+            closed.append(run.info.run_id)
         return closed
 
     def log_parent_file(self, local_path: Path, artifact_path: str | None = None) -> None:
