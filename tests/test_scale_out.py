@@ -54,7 +54,7 @@ def postgres(tmp_path):
     data, port = root / "data", free_port()
     run = lambda cmd: subprocess.run(as_postgres(cmd), check=True, capture_output=True)  # noqa: E731
     run([f"{PG_BIN}/initdb", "-D", str(data), "-A", "trust", "-U", "postgres"])
-    options = f"-p {port} -k {root} -c listen_addresses=127.0.0.1"
+    options = f"-p {port} -k {root} -c listen_addresses=127.0.0.1 -c max_connections=200"
     run(
         [f"{PG_BIN}/pg_ctl", "-D", str(data), "-o", options, "-l", str(root / "log"), "-w", "start"]
     )
@@ -117,13 +117,14 @@ def test_three_workers_on_postgres_and_a_tracking_server(
         )  # fmt: skip
         for _ in range(3)
     ]
+    watcher = optuna.storages.RDBStorage(storage_url)  # one connection pool, reused
     try:
         victim = None
         deadline = time.monotonic() + 240
         while victim is None and time.monotonic() < deadline:
             time.sleep(0.5)
             try:
-                trials = optuna.load_study(study_name="scale", storage=storage_url).trials
+                trials = optuna.load_study(study_name="scale", storage=watcher).trials
             except KeyError:
                 continue
             done = [t for t in trials if t.state.name == "COMPLETE"]
@@ -143,7 +144,7 @@ def test_three_workers_on_postgres_and_a_tracking_server(
             if w.poll() is None:
                 w.kill()
 
-    study = optuna.load_study(study_name="scale", storage=storage_url)
+    study = optuna.load_study(study_name="scale", storage=watcher)
     states = [t.state.name for t in study.trials]
     where = {t.number: (t.state.name, t.user_attrs.get("pid")) for t in study.trials}
     assert states.count("COMPLETE") == 9, (victim.number, victim.user_attrs, where)
