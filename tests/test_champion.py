@@ -2,10 +2,8 @@
 
 import json
 import os
-import socket
 import subprocess
 import sys
-import time
 import urllib.request
 
 import mlflow
@@ -19,7 +17,7 @@ from PIL import Image
 from mnist_search import champion, predict
 from mnist_search import study as mstudy
 from mnist_search.data import load_images
-from tests.conftest import use_synthetic_mnist
+from tests.conftest import free_port, use_synthetic_mnist, wait_for_http
 
 
 @pytest.fixture(scope="module")
@@ -188,12 +186,6 @@ def test_predict_cli_rejects_missing_files_and_unknown_models(crowned, tmp_path,
     assert exit_.value.code == 2 and "cannot load model" in capsys.readouterr().err
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.slow
 def test_mlflow_models_serve_answers_invocations(crowned, monkeypatch):
     tmp, data_dir, _, _ = crowned
@@ -204,15 +196,7 @@ def test_mlflow_models_serve_answers_invocations(crowned, monkeypatch):
     cmd += ["--env-manager", "local", "--host", "127.0.0.1", "--port", str(port)]
     server = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
-        deadline = time.monotonic() + 90
-        while True:
-            try:
-                urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=2)
-                break
-            except OSError:
-                if server.poll() is not None or time.monotonic() > deadline:
-                    pytest.fail(f"server did not start: {server.stderr.read().decode()[-2000:]}")
-                time.sleep(0.5)
+        wait_for_http(f"http://127.0.0.1:{port}/ping", server, 90, server.stderr.read().decode)
         images, _ = load_images(data_dir, train=False)
         batch = images[:5].reshape(5, -1).tolist()  # raw 0-255 integers, as a client sends them
         request = urllib.request.Request(

@@ -11,12 +11,10 @@ import os
 import pwd
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from pathlib import Path
 
 import optuna
@@ -24,16 +22,11 @@ import pytest
 from mlflow import MlflowClient
 
 from mnist_search import data as mdata
+from tests.conftest import free_port, wait_for_http
 from tests.test_faults import WRAPPER
 
 pytestmark = [pytest.mark.postgres, pytest.mark.slow]
 PG_BIN = next(iter(sorted(glob.glob("/usr/lib/postgresql/*/bin"), reverse=True)), None)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def as_postgres(cmd: list[str]) -> list[str]:
@@ -80,15 +73,8 @@ def mlflow_server(postgres, tmp_path):
     server = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 180  # the first start migrates the database
-        while True:
-            try:
-                urllib.request.urlopen(f"{url}/health", timeout=2)
-                break
-            except OSError:
-                if server.poll() is not None or time.monotonic() > deadline:
-                    pytest.fail((tmp_path / "mlflow-server.log").read_text()[-3000:])
-                time.sleep(1)
+        # the first start migrates the database
+        wait_for_http(f"{url}/health", server, 180, (tmp_path / "mlflow-server.log").read_text)
         yield url
     finally:
         try:
