@@ -90,5 +90,7 @@ def wait_for_http(url: str, server, seconds: float, log) -> None:
             return
         except OSError:
             if server.poll() is not None or time.monotonic() > deadline:
+                server.kill()  # first, so that reading its log cannot block
+                server.wait()
                 pytest.fail(f"server did not start: {log()[-3000:]}")
             time.sleep(0.5)

@@ -194,9 +194,11 @@ def test_mlflow_models_serve_answers_invocations(crowned, monkeypatch):
     env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp}/mlflow.db"}
     cmd = [sys.executable, "-m", "mlflow", "models", "serve", "-m", "models:/mnist-mlp@champion"]
     cmd += ["--env-manager", "local", "--host", "127.0.0.1", "--port", str(port)]
-    server = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    log = tmp / "serve.log"
+    with open(log, "w") as out:  # a file, not a pipe: a full pipe would stall the server
+        server = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT)
     try:
-        wait_for_http(f"http://127.0.0.1:{port}/ping", server, 90, server.stderr.read().decode)
+        wait_for_http(f"http://127.0.0.1:{port}/ping", server, 180, log.read_text)
         images, _ = load_images(data_dir, train=False)
         batch = images[:5].reshape(5, -1).tolist()  # raw 0-255 integers, as a client sends them
         request = urllib.request.Request(
