@@ -230,13 +230,10 @@ class Split:
     def __len__(self) -> int:
         return len(self.y)
 
-    def batches(self, batch_size: int, generator: torch.Generator | None = None) -> Iterator:
-        """Shuffled (x, y) batches sliced from a permutation, when a generator is given."""
+    def batches(self, batch_size: int, generator: torch.Generator) -> Iterator:
+        """Shuffled (x, y) batches sliced from a permutation drawn from `generator`."""
         n = len(self)
-        if generator is None:
-            order = torch.arange(n, device=self.y.device)
-        else:
-            order = torch.randperm(n, generator=generator).to(self.y.device)
+        order = torch.randperm(n, generator=generator).to(self.y.device)
         for start in range(0, n, batch_size):
             idx = order[start : start + batch_size]
             yield self.x[idx], self.y[idx]

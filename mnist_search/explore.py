@@ -22,7 +22,7 @@ from mnist_search.data import (
     load_images,
     stratified_split,
 )
-from mnist_search.report import _save, plt
+from mnist_search.report import plt, save_figure
 
 
 def sample_grid(images, labels, path: Path, per_class: int = 10) -> Path:
@@ -37,7 +37,7 @@ def sample_grid(images, labels, path: Path, per_class: int = 10) -> Path:
             if col == 0:
                 ax.set_ylabel(str(digit), rotation=0, labelpad=10, fontsize=12)
     fig.suptitle("Training samples, one row per label")
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def class_counts_chart(counts: dict[str, list[int]], path: Path) -> Path:
@@ -48,7 +48,7 @@ def class_counts_chart(counts: dict[str, list[int]], path: Path) -> Path:
     ax.set(xticks=[d + 0.4 - width / 2 for d in range(10)], xticklabels=range(10),
            xlabel="digit", ylabel="images", title="Class counts per split")  # fmt: skip
     ax.legend()
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def mean_images(images, labels, path: Path) -> Path:
@@ -57,7 +57,7 @@ def mean_images(images, labels, path: Path) -> Path:
         ax.imshow(images[labels == digit].float().mean(0), cmap="magma")
         ax.set_title(f"mean of {digit}")
         ax.axis("off")
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def intensity_histograms(images, mean: float, std: float, path: Path) -> Path:
@@ -67,7 +67,7 @@ def intensity_histograms(images, mean: float, std: float, path: Path) -> Path:
     left.set(title="raw pixels (uint8)", xlabel="value", ylabel="count (log)")
     right.hist(((raw / 255 - mean) / std).numpy(), bins=64, log=True, color="tab:blue")
     right.set(title=f"normalized: (x/255 - {mean:.4f}) / {std:.4f}", xlabel="value")
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def normalization_ablation(images, labels, train_idx, val_idx, epochs: int) -> dict[str, float]:

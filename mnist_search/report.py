@@ -18,7 +18,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 
-def _save(figure, path: Path, width: float = 8) -> Path:
+def save_figure(figure, path: Path, width: float = 8) -> Path:
     """Save a Figure, an Axes, or an array of Axes (Optuna returns all three) as a PNG."""
     axes = np.atleast_1d(figure).ravel() if not isinstance(figure, plt.Figure) else None
     fig = figure if axes is None else axes[0].figure
@@ -54,7 +54,7 @@ def study_figures(study, out_dir: Path) -> list[Path]:
         warnings.simplefilter("ignore")  # Optuna marks its matplotlib plots experimental
         for name, plot in plots.items():
             wide = name == "parallel_coordinate.png"  # one axis per parameter
-            paths.append(_save(plot(), out_dir / name, width=18 if wide else 8))
+            paths.append(save_figure(plot(), out_dir / name, width=18 if wide else 8))
     return paths
 
 
@@ -67,7 +67,7 @@ def confusion_heatmap(confusion: np.ndarray, path: Path) -> Path:
     ax.set(xticks=range(10), yticks=range(10), xlabel="predicted", ylabel="true",
            title="Test confusion matrix (color: log count)")  # fmt: skip
     fig.colorbar(shown, ax=ax)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def per_class_accuracy(per_class: list[float], path: Path) -> Path:
@@ -78,7 +78,7 @@ def per_class_accuracy(per_class: list[float], path: Path) -> Path:
     low = min(per_class) * 100
     ax.set(xticks=range(10), xlabel="digit", ylabel="test accuracy (%)",
            ylim=(max(0, low - 2), 100.2), title="Test accuracy per class")  # fmt: skip
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def confident_mistakes(images, labels, probs, path: Path, count: int = 24) -> Path:
@@ -96,7 +96,7 @@ def confident_mistakes(images, labels, probs, path: Path, count: int = 24) -> Pa
         ax.imshow(images[i].reshape(28, 28), cmap="gray")
         ax.set_title(f"#{i} true {labels[i]}\npred {pred[i]} {probs[i, pred[i]]:.2f}", fontsize=7)
     fig.suptitle("Most confident test mistakes")
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def main(argv: list[str] | None = None) -> int:
