@@ -230,13 +230,14 @@ class Split:
     def __len__(self) -> int:
         return len(self.y)
 
-    def batches(self, batch_size: int, generator: torch.Generator) -> Iterator:
-        """Shuffled (x, y) batches sliced from a permutation drawn from `generator`."""
-        n = len(self)
-        order = torch.randperm(n, generator=generator).to(self.y.device)
-        for start in range(0, n, batch_size):
-            idx = order[start : start + batch_size]
-            yield self.x[idx], self.y[idx]
+    def to(self, device: str | torch.device) -> Split:
+        return Split(self.x.to(device), self.y.to(device))
+
+    def batch_indices(self, batch_size: int, generator: torch.Generator) -> Iterator[torch.Tensor]:
+        """One epoch of shuffled batches, as index tensors on the split's device, sliced from a
+        permutation drawn (on the CPU, so every device sees the same order) from `generator`."""
+        order = torch.randperm(len(self), generator=generator).to(self.y.device)
+        return iter(order.split(batch_size))
 
 
 @dataclass(frozen=True)

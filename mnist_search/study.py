@@ -56,6 +56,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seeds the sampler and every trial")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
     p.add_argument(
+        "--no-cuda-graphs",
+        dest="cuda_graphs",
+        action="store_false",
+        help="on a GPU, launch every training step's kernels eagerly instead of replaying a "
+        "CUDA graph (slower; for comparison and as an escape hatch)",
+    )
+    p.add_argument(
         "--pruner",
         choices=["hyperband", "median", "none"],
         default="hyperband",
@@ -214,7 +221,7 @@ def _alive(pid: int) -> bool:
         return True
 
 
-def make_objective(data, device, epochs: int, seed: int, tracker):
+def make_objective(data, device, epochs: int, seed: int, tracker, cuda_graphs: bool = True):
     """The objective: config from the space, plain `fit`, with pruning and logging in the hook."""
     import optuna
 
@@ -246,7 +253,7 @@ def make_objective(data, device, epochs: int, seed: int, tracker):
 
         try:
             try:
-                result = fit(config, data, device, on_epoch_end=on_epoch_end)
+                result = fit(config, data, device, on_epoch_end, cuda_graphs)
             except optuna.TrialPruned as e:
                 log_weights()  # if this fails, the trial fails below, with the reason
                 run.finish("KILLED", "PRUNED", str(e))
@@ -330,7 +337,7 @@ def run_study(args, study, storage, tracker, data, device) -> int:
     seed = args.seed + len(study.trials) + 1000 * args.worker_id
     study.sampler = optuna.samplers.TPESampler(seed=seed)
     start, failures_in_a_row = time.monotonic(), 0
-    objective = make_objective(data, device, args.epochs, args.seed, tracker)
+    objective = make_objective(data, device, args.epochs, args.seed, tracker, args.cuda_graphs)
     bar = tqdm(
         total=args.trials,
         initial=done,
@@ -360,6 +367,7 @@ def run_study(args, study, storage, tracker, data, device) -> int:
                 bar.set_postfix(best=f"{study.best_value:.4f}", trial=study.best_trial.number)
     finally:
         bar.close()
+    print(f"worker {args.worker_id} searched for {time.monotonic() - start:.1f} s")
     return 0
 
 

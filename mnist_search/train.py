@@ -17,7 +17,13 @@ import torch
 from torch import nn
 
 from mnist_search.data import Data, Split
-from mnist_search.model import MLP
+from mnist_search.model import ACTIVATIONS, MLP
+
+CHOICES = {
+    "activation": tuple(ACTIVATIONS),
+    "optimizer": ("adam", "adamw", "sgd"),
+    "schedule": ("constant", "cosine"),
+}
 
 
 @dataclass(frozen=True)
@@ -36,17 +42,20 @@ class TrainConfig:
 
     def __post_init__(self):
         object.__setattr__(self, "hidden", tuple(int(w) for w in self.hidden))
+        for name, choices in CHOICES.items():
+            if getattr(self, name) not in choices:
+                raise ValueError(f"unknown {name} {getattr(self, name)!r}; use one of {choices}")
 
     def to_dict(self) -> dict:
         return asdict(self)
 
 
 class NonFiniteLossError(FloatingPointError):
-    """The training loss became NaN or infinite: the run stops rather than train on it."""
+    """An epoch's training loss was NaN or infinite: the run stops rather than go on with it."""
 
-    def __init__(self, epoch: int, step: int, loss: float):
-        super().__init__(f"loss became {loss} at epoch {epoch}, step {step}; lower the lr")
-        self.epoch, self.step, self.loss = epoch, step, loss
+    def __init__(self, epoch: int, loss: float):
+        super().__init__(f"training loss became {loss} in epoch {epoch}; lower the lr")
+        self.epoch, self.loss = epoch, loss
 
 
 @dataclass
@@ -79,28 +88,71 @@ def build_model(config: TrainConfig) -> MLP:
     return MLP(config.hidden, config.dropout, config.activation)
 
 
-def _optimizer(config: TrainConfig, params) -> torch.optim.Optimizer:
+def _optimizer(config: TrainConfig, model: nn.Module, capturable: bool) -> torch.optim.Optimizer:
     # fused: one kernel per tensor instead of a dozen; measured ~15% more samples/s at batch
-    # 128 on 2 CPU cores (python -m mnist_search.bench)
-    if config.optimizer == "adam":
-        return torch.optim.Adam(params, lr=config.lr, weight_decay=config.weight_decay, fused=True)
-    if config.optimizer == "adamw":
-        return torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay, fused=True)
-    if config.optimizer == "sgd":
-        return torch.optim.SGD(
-            params, lr=config.lr, momentum=0.9, nesterov=True, weight_decay=config.weight_decay
+    # 128 on 2 CPU cores (python -m mnist_search.bench). capturable: the step counter and the
+    # lr live on the GPU, so a recorded CUDA graph reads their current values at each replay.
+    params = model.parameters()
+    if config.optimizer in ("adam", "adamw"):
+        device = next(model.parameters()).device
+        lr = torch.tensor(config.lr, device=device) if capturable else config.lr
+        cls = torch.optim.Adam if config.optimizer == "adam" else torch.optim.AdamW
+        return cls(
+            params, lr=lr, weight_decay=config.weight_decay, fused=True, capturable=capturable
         )
-    raise ValueError(f"unknown optimizer {config.optimizer!r}")
+    return torch.optim.SGD(
+        params, lr=config.lr, momentum=0.9, nesterov=True, weight_decay=config.weight_decay
+    )
 
 
-def _schedule(config: TrainConfig, optimizer, total_steps: int):
-    if config.schedule == "constant":
-        return None
-    if config.schedule == "cosine":
-        return torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lambda step: 0.5 * (1 + math.cos(math.pi * step / total_steps))
-        )
-    raise ValueError(f"unknown schedule {config.schedule!r}")
+def lr_at(config: TrainConfig, step: int, total_steps: int) -> float:
+    """The learning rate of optimizer step `step` (0-based) out of `total_steps`."""
+    if config.schedule == "cosine":  # to zero over all epochs
+        return config.lr * 0.5 * (1 + math.cos(math.pi * step / total_steps))
+    return config.lr
+
+
+def _set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    for group in optimizer.param_groups:
+        if isinstance(group["lr"], torch.Tensor):
+            group["lr"].fill_(lr)  # in place: a recorded graph holds this very tensor
+        else:
+            group["lr"] = lr
+
+
+class CudaGraphStep:
+    """`step(idx)` recorded once as a CUDA graph, then replayed for every full batch.
+
+    One training step of these MLPs is a few dozen small kernels. Launched one by one from
+    Python they leave a big GPU mostly idle (the issue measured 91,000 samples/s at batch 128
+    on an H200); a replay launches the whole step at once. As PyTorch's CUDA-graph docs ask, the
+    first `warmup` steps run eagerly on a side stream (they create the optimizer state and the
+    cuBLAS workspace) before the capture. An epoch's last, smaller batch runs eagerly on the
+    same tensors: gradients are zeroed in place, never set to None, so the graph's tensors stay.
+    """
+
+    def __init__(self, step: Callable[[torch.Tensor], None], batch_size: int, warmup: int = 3):
+        self.step, self.batch_size, self.warmup = step, batch_size, warmup
+        self.idx = torch.zeros(batch_size, dtype=torch.long, device="cuda")  # the graph's input
+        self.graph: torch.cuda.CUDAGraph | None = None
+
+    def __call__(self, idx: torch.Tensor) -> None:
+        if len(idx) != self.batch_size:
+            self.step(idx)
+        elif self.warmup > 0:
+            self.warmup -= 1
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                self.step(idx)
+            torch.cuda.current_stream().wait_stream(side)
+        else:
+            if self.graph is None:
+                self.graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(self.graph):
+                    self.step(self.idx)  # recorded, not run: the replay below runs it
+            self.idx.copy_(idx)
+            self.graph.replay()
 
 
 @torch.no_grad()
@@ -123,34 +175,47 @@ def fit(
     data: Data,
     device: str | torch.device = "cpu",
     on_epoch_end: EpochHook | None = None,
+    cuda_graphs: bool = True,
 ) -> FitResult:
     """Train a fresh model on `data.train`; after each epoch, measure on `data.val` (if any) and
     call `on_epoch_end(epoch, metrics, model)`. Whatever that hook raises stops training and
-    propagates (that is how the study prunes). Raises NonFiniteLossError on a NaN/inf loss."""
+    propagates (that is how the study prunes). Raises NonFiniteLossError when an epoch's
+    training loss is NaN or infinite. On a CUDA device, Adam and AdamW steps are replayed from
+    a CUDA graph (`CudaGraphStep`) unless `cuda_graphs` is False."""
+    device = torch.device(device)
     torch.manual_seed(config.seed)
     shuffle = torch.Generator().manual_seed(config.seed)
     model = build_model(config).to(device)
-    optimizer = _optimizer(config, model.parameters())
-    steps_per_epoch = math.ceil(len(data.train) / config.batch_size)
-    scheduler = _schedule(config, optimizer, config.epochs * steps_per_epoch)
+    graphed = cuda_graphs and device.type == "cuda" and config.optimizer in ("adam", "adamw")
+    optimizer = _optimizer(config, model, capturable=graphed)
     loss_fn = nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
-    result = FitResult(model)
+    total = torch.zeros((), device=device)  # the epoch's summed loss, kept on the device: no
+    # step waits for the GPU to hand a number back
 
+    def step(idx: torch.Tensor) -> None:
+        x, y = data.train.x.index_select(0, idx), data.train.y.index_select(0, idx)
+        optimizer.zero_grad(set_to_none=False)
+        loss = loss_fn(model(x), y)
+        loss.backward()
+        optimizer.step()
+        total.add_(loss.detach() * len(idx))
+
+    run_step = CudaGraphStep(step, config.batch_size) if graphed else step
+    total_steps = config.epochs * math.ceil(len(data.train) / config.batch_size)
+    steps = 0
+    result = FitResult(model)
     for epoch in range(1, config.epochs + 1):
         start = time.perf_counter()
         model.train()
-        total = torch.zeros((), device=device)
-        for step, (x, y) in enumerate(data.train.batches(config.batch_size, shuffle)):
-            loss = loss_fn(model(x), y)
-            if not torch.isfinite(loss):
-                raise NonFiniteLossError(epoch, step, loss.item())
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            if scheduler is not None:
-                scheduler.step()
-            total += loss.detach() * len(y)
+        total.zero_()
+        for idx in data.train.batch_indices(config.batch_size, shuffle):
+            if config.schedule != "constant":
+                _set_lr(optimizer, lr_at(config, steps, total_steps))
+            run_step(idx)
+            steps += 1
         metrics = {"epoch": epoch, "train_loss": total.item() / len(data.train)}
+        if not math.isfinite(metrics["train_loss"]):
+            raise NonFiniteLossError(epoch, metrics["train_loss"])
         if data.val is not None:
             val = evaluate(model, data.val)
             metrics |= {"val_loss": val["loss"], "val_accuracy": val["accuracy"]}
@@ -175,11 +240,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--hidden", type=int, nargs="+", default=list(defaults.hidden))
     p.add_argument("--dropout", type=float, default=defaults.dropout)
-    p.add_argument("--activation", choices=["relu", "gelu", "silu"], default=defaults.activation)
-    p.add_argument("--optimizer", choices=["adam", "adamw", "sgd"], default=defaults.optimizer)
+    p.add_argument("--activation", choices=CHOICES["activation"], default=defaults.activation)
+    p.add_argument("--optimizer", choices=CHOICES["optimizer"], default=defaults.optimizer)
     p.add_argument("--lr", type=float, default=defaults.lr)
     p.add_argument("--weight-decay", type=float, default=defaults.weight_decay)
-    p.add_argument("--schedule", choices=["constant", "cosine"], default=defaults.schedule)
+    p.add_argument("--schedule", choices=CHOICES["schedule"], default=defaults.schedule)
     p.add_argument("--label-smoothing", type=float, default=defaults.label_smoothing)
     p.add_argument("--batch-size", type=int, default=defaults.batch_size)
     p.add_argument("--epochs", type=int, default=defaults.epochs)

@@ -8,6 +8,7 @@ from mnist_search.train import (
     TrainConfig,
     evaluate,
     fit,
+    lr_at,
     resolve_device,
 )
 
@@ -70,7 +71,7 @@ def test_hook_raising_stops_training():
 def test_non_finite_loss_stops_with_a_clear_error():
     data = tiny_data()
     data.train.x[5, 0] = float("nan")
-    with pytest.raises(NonFiniteLossError, match="loss became nan at epoch 1"):
+    with pytest.raises(NonFiniteLossError, match="training loss became nan in epoch 1"):
         fit(CONFIG, data)
     with pytest.raises(FloatingPointError):  # catchable by its standard base class too
         fit(TrainConfig(hidden=(32,), lr=1e30, optimizer="adam", epochs=3), tiny_data())
@@ -107,3 +108,56 @@ def test_devices():
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match="no CUDA GPU"):
             resolve_device("cuda")
+
+
+def test_unknown_choices_are_refused_when_the_config_is_made():
+    with pytest.raises(ValueError, match="unknown schedule 'linear'"):
+        TrainConfig(schedule="linear")
+    with pytest.raises(ValueError, match="unknown optimizer 'lbfgs'"):
+        TrainConfig(optimizer="lbfgs")
+
+
+def test_cosine_schedule_matches_torch_cosine_annealing():
+    config = TrainConfig(schedule="cosine", lr=0.01)
+    optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=config.lr)
+    reference = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=40)
+    for step in range(40):
+        assert lr_at(config, step, 40) == pytest.approx(reference.get_last_lr()[0], abs=1e-12)
+        optimizer.step()
+        reference.step()
+    assert lr_at(TrainConfig(lr=0.01), 17, 40) == 0.01
+
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+@cuda
+@pytest.mark.parametrize("optimizer", ["adam", "adamw"])
+def test_cuda_graph_replay_trains_like_eager_steps(optimizer, monkeypatch):
+    """Same seed, no dropout (its random stream differs between the two), a cosine lr and a
+    partial last batch: the replayed graph must land on the weights the eager loop reaches."""
+    replays = []
+    real_replay = torch.cuda.CUDAGraph.replay
+    monkeypatch.setattr(
+        torch.cuda.CUDAGraph, "replay", lambda g: (replays.append(1), real_replay(g))[1]
+    )
+    data = tiny_data()
+    data = Data(data.train.to("cuda"), data.val.to("cuda"), data.mean, data.std)
+    config = TrainConfig(**{**CONFIG.to_dict(), "dropout": 0.0, "schedule": "cosine",
+                            "optimizer": optimizer, "weight_decay": 1e-3})  # fmt: skip
+    graphed = fit(config, data, "cuda")
+    assert len(replays) == config.epochs * (300 // 32) - 3  # every full batch after 3 warm-ups
+    eager = fit(config, data, "cuda", cuda_graphs=False)
+    for pg, pe in zip(graphed.model.parameters(), eager.model.parameters(), strict=True):
+        assert torch.allclose(pg, pe, atol=1e-5, rtol=1e-4)
+    for mg, me in zip(graphed.history, eager.history, strict=True):
+        assert mg["train_loss"] == pytest.approx(me["train_loss"], rel=1e-4)
+        assert mg["val_accuracy"] == me["val_accuracy"]
+
+
+@cuda
+def test_cuda_graphs_with_dropout_learn():
+    data = tiny_data()
+    data = Data(data.train.to("cuda"), data.val.to("cuda"), data.mean, data.std)
+    result = fit(TrainConfig(**{**CONFIG.to_dict(), "epochs": 15}), data, "cuda")
+    assert result.history[-1]["val_accuracy"] > 0.8
