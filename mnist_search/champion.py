@@ -11,10 +11,12 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import os
 import sys
 import tempfile
 import time
 from pathlib import Path
+from unittest.mock import patch
 
 import mlflow
 import numpy as np
@@ -27,6 +29,8 @@ from mnist_search.model import PixelClassifier
 from mnist_search.space import config_from_params
 from mnist_search.tracking import PARENT_TAG, ROLE_TAG, STUDY_TAG
 from mnist_search.train import fit
+
+PREDICTION_DEVICE = "MLFLOW_DEFAULT_PREDICTION_DEVICE"  # where MLflow's pyfunc loads a model
 
 
 def test_report(model: PixelClassifier, images: torch.Tensor, labels: torch.Tensor) -> dict:
@@ -105,7 +109,10 @@ def register(
     x = example.reshape(len(example), -1).float().numpy()  # (N, 784) raw pixels 0-255
     with torch.no_grad():
         probs = model(torch.from_numpy(x)).numpy()
-    with mlflow.start_run(run_id=run_id):
+    # MLflow checks the input example by loading the model back, on the GPU when there is one,
+    # but the exported weights live on the CPU: run that check (only) on the CPU.
+    device = {PREDICTION_DEVICE: os.environ.get(PREDICTION_DEVICE, "cpu")}
+    with mlflow.start_run(run_id=run_id), patch.dict(os.environ, device):
         info = mlflow.pytorch.log_model(
             model,
             name="model",

@@ -108,7 +108,7 @@ def _optimizer(config: TrainConfig, model: nn.Module, capturable: bool) -> torch
 def lr_at(config: TrainConfig, step: int, total_steps: int) -> float:
     """The learning rate of optimizer step `step` (0-based) out of `total_steps`."""
     if config.schedule == "cosine":  # to zero over all epochs
-        return config.lr * 0.5 * (1 + math.cos(math.pi * step / total_steps))
+        return config.lr * (0.5 * (1 + math.cos(math.pi * step / total_steps)))  # as LambdaLR
     return config.lr
 
 
