@@ -7,18 +7,19 @@
 #   eager         its first 5 trials again without CUDA graphs (the same configs: same seed)
 #   default       the default study (Hyperband) and its champion: retrain, test, export, register
 #   default-eager the same without CUDA graphs: the default study before and after
-#   load          the champion of `default` loaded back through MLflow and served, on this GPU box
+#   load          the champion of `default` (this run's, or WORK's) loaded back and served here
 #   workers       the 50 x 10 search with --workers 4 on the one GPU
 # Each study starts in a fresh folder, so nothing is resumed. OUT_DIR gets log.txt, the GPU's
 # utilization during `graphs` and one CSV of trials per study.
 set -u
-out=$(realpath "${1:?usage: experiments/gpu_check.sh OUT_DIR}")
+mkdir -p "${1:?usage: experiments/gpu_check.sh OUT_DIR [STEP ...]}" && out=$(realpath "$1") || exit 1
 repo=$(pwd)
-work=$(mktemp -d)  # the studies' stores: big, and not part of the report
-mkdir -p "$out"
+work=${WORK:-$(mktemp -d)}  # the studies' stores: big, so not in OUT_DIR; WORK=DIR keeps them
 export PYTHONUNBUFFERED=1 PYTHONPATH="$repo${PYTHONPATH:+:$PYTHONPATH}"
+export MNIST_SEARCH_DATA="$repo/data"  # one copy of MNIST for every step
 log="$out/log.txt"
 say() { echo "=== $* ($(date -u +%T))" | tee -a "$log"; }
+say "studies in $work"
 
 study() {  # study NAME TIMEOUT FLAGS...: a fresh folder, wall time, per-trial table
   local name=$1 limit=$2 dir="$work/$1"
@@ -28,7 +29,7 @@ study() {  # study NAME TIMEOUT FLAGS...: a fresh folder, wall time, per-trial t
   local t0=$(date +%s.%N)
   (cd "$dir" && timeout "$limit" python3 -m mnist_search.study --study-name "$name" \
     --storage journal.log --tracking-uri "sqlite:///$dir/mlflow.db" \
-    --data-dir "$repo/data" --device cuda "$@") >>"$log" 2>&1
+    --device cuda "$@") >>"$log" 2>&1
   echo "exit $? after $(awk "BEGIN {print $(date +%s.%N) - $t0}") s wall" | tee -a "$log"
   (cd "$dir" && python3 - "$name" >"$out/trials-$name.csv" 2>>"$log") <<'EOF'
 import sys, optuna
@@ -71,7 +72,8 @@ for step in $steps; do
   default-eager) study default-eager 240 --trials 50 --no-cuda-graphs ;;
   load)
     say "load the champion of 'default' on this GPU machine"
-    (cd "$work/default" && timeout 120 python3 "$repo/experiments/gpu_load_check.py") >>"$log" 2>&1
+    (cd "$work/default" && timeout 120 python3 "$repo/experiments/gpu_load_check.py") \
+      >>"$log" 2>&1
     ;;
   workers) study workers4 150 --trials 50 --pruner none --no-champion --workers 4 ;;
   *) say "unknown step $step" ;;

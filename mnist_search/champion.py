@@ -15,8 +15,9 @@ import os
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
-from unittest.mock import patch
 
 import mlflow
 import numpy as np
@@ -24,6 +25,7 @@ import pandas as pd
 import torch
 from mlflow import MlflowClient
 
+from mnist_search.cli import add_device_flags
 from mnist_search.data import data_digest, load_data, load_images
 from mnist_search.model import PixelClassifier
 from mnist_search.space import config_from_params
@@ -100,6 +102,18 @@ def onnx_max_error(model: PixelClassifier, onnx_path: Path, images: torch.Tensor
     return float(np.abs(onnx_probs - torch_probs).max())
 
 
+@contextmanager
+def _environ(name: str, default: str) -> Iterator[None]:
+    """Within the block, `name` is `default` unless the user set it; then it is as it was."""
+    old = os.environ.get(name)
+    os.environ[name] = default if old is None else old
+    try:
+        yield
+    finally:
+        if old is None:
+            del os.environ[name]
+
+
 def register(
     client: MlflowClient, name: str, run_id: str, model: PixelClassifier, example, tags: dict
 ):
@@ -111,8 +125,7 @@ def register(
         probs = model(torch.from_numpy(x)).numpy()
     # MLflow checks the input example by loading the model back, on the GPU when there is one,
     # but the exported weights live on the CPU: run that check (only) on the CPU.
-    device = {PREDICTION_DEVICE: os.environ.get(PREDICTION_DEVICE, "cpu")}
-    with mlflow.start_run(run_id=run_id), patch.dict(os.environ, device):
+    with mlflow.start_run(run_id=run_id), _environ(PREDICTION_DEVICE, "cpu"):
         info = mlflow.pytorch.log_model(
             model,
             name="model",
@@ -146,6 +159,7 @@ def crown(
     device,
     register_as: str = "mnist-mlp",
     export_root: Path = Path("exports"),
+    cuda_graphs: bool = True,
 ) -> dict:
     """Retrain the study's best trial on all training images, test once, export, register."""
     best = study.best_trial
@@ -169,7 +183,7 @@ def crown(
         )
         start = time.perf_counter()
         data = load_data(data_dir, device, val_size=0)
-        result = fit(config, data, device, on_epoch_end=lambda e, m, _: _log(client, run_id, m, e))
+        result = fit(config, data, device, lambda e, m, _: _log(client, run_id, m, e), cuda_graphs)
         retrain_seconds = time.perf_counter() - start
 
         model = PixelClassifier(result.model.cpu(), data.mean, data.std).eval()
@@ -252,7 +266,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--storage", default=DEFAULT_STORAGE)
     p.add_argument("--tracking-uri", default=None)
     p.add_argument("--data-dir", type=Path, default=None)
-    p.add_argument("--device", default="auto")
+    add_device_flags(p)
     p.add_argument("--register-as", default="mnist-mlp")
     args = p.parse_args(argv)
 
@@ -269,7 +283,8 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"{type(e).__name__}: {e}")
     if tracker.find_parent() is None:
         p.error(f"no MLflow parent run for study {args.study_name!r}; run the study first")
-    crown(study, tracker, args.data_dir or default_data_dir(), device, args.register_as)
+    data_dir = args.data_dir or default_data_dir()
+    crown(study, tracker, data_dir, device, args.register_as, cuda_graphs=args.cuda_graphs)
     return 0
 
 

@@ -15,6 +15,8 @@ import sys
 import time
 from pathlib import Path
 
+from mnist_search.cli import add_device_flags
+
 DEFAULT_STORAGE = "optuna-journal.log"
 PARENT_ATTR = "mlflow_parent_run_id"  # study user attribute: the MLflow parent run
 
@@ -54,14 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="where MNIST lives (default: $MNIST_SEARCH_DATA or ./data)",
     )
     p.add_argument("--seed", type=int, default=0, help="seeds the sampler and every trial")
-    p.add_argument("--device", default="auto", help="auto, cpu or cuda")
-    p.add_argument(
-        "--no-cuda-graphs",
-        dest="cuda_graphs",
-        action="store_false",
-        help="on a GPU, launch every training step's kernels eagerly instead of replaying a "
-        "CUDA graph (slower; for comparison and as an escape hatch)",
-    )
+    add_device_flags(p)
     p.add_argument(
         "--pruner",
         choices=["hyperband", "median", "none"],
@@ -476,7 +471,7 @@ def main(argv: list[str] | None = None) -> int:
     if code == 0 and finished_count(study) >= args.trials and not args.no_champion:
         from mnist_search.champion import crown
 
-        crown(study, tracker, data_dir, device, args.register_as)
+        crown(study, tracker, data_dir, device, args.register_as, cuda_graphs=args.cuda_graphs)
     tracker.finish_parent("FINISHED" if code == 0 else "FAILED")
     return code
 

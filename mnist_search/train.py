@@ -88,14 +88,12 @@ def build_model(config: TrainConfig) -> MLP:
     return MLP(config.hidden, config.dropout, config.activation)
 
 
-def _optimizer(config: TrainConfig, model: nn.Module, capturable: bool) -> torch.optim.Optimizer:
+def _optimizer(config: TrainConfig, params, capturable: bool) -> torch.optim.Optimizer:
     # fused: one kernel per tensor instead of a dozen; measured ~15% more samples/s at batch
     # 128 on 2 CPU cores (python -m mnist_search.bench). capturable: the step counter and the
     # lr live on the GPU, so a recorded CUDA graph reads their current values at each replay.
-    params = model.parameters()
     if config.optimizer in ("adam", "adamw"):
-        device = next(model.parameters()).device
-        lr = torch.tensor(config.lr, device=device) if capturable else config.lr
+        lr = torch.tensor(config.lr, device="cuda") if capturable else config.lr
         cls = torch.optim.Adam if config.optimizer == "adam" else torch.optim.AdamW
         return cls(
             params, lr=lr, weight_decay=config.weight_decay, fused=True, capturable=capturable
@@ -124,8 +122,8 @@ class CudaGraphStep:
     """`step(idx)` recorded once as a CUDA graph, then replayed for every full batch.
 
     One training step of these MLPs is a few dozen small kernels. Launched one by one from
-    Python they leave a big GPU mostly idle (the issue measured 91,000 samples/s at batch 128
-    on an H200); a replay launches the whole step at once. As PyTorch's CUDA-graph docs ask, the
+    Python they leave a big GPU mostly idle; a replay launches the whole step at once (6-10x
+    the samples/s at batch 128 on an H200: README, Results). As PyTorch's CUDA-graph docs ask, the
     first `warmup` steps run eagerly on a side stream (they create the optimizer state and the
     cuBLAS workspace) before the capture. An epoch's last, smaller batch runs eagerly on the
     same tensors: gradients are zeroed in place, never set to None, so the graph's tensors stay.
@@ -187,10 +185,10 @@ def fit(
     shuffle = torch.Generator().manual_seed(config.seed)
     model = build_model(config).to(device)
     graphed = cuda_graphs and device.type == "cuda" and config.optimizer in ("adam", "adamw")
-    optimizer = _optimizer(config, model, capturable=graphed)
+    optimizer = _optimizer(config, model.parameters(), capturable=graphed)
     loss_fn = nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
-    total = torch.zeros((), device=device)  # the epoch's summed loss, kept on the device: no
-    # step waits for the GPU to hand a number back
+    # the epoch's summed loss stays on the device, so no step waits for the GPU to hand it back
+    total = torch.zeros((), device=device)
 
     def step(idx: torch.Tensor) -> None:
         x, y = data.train.x.index_select(0, idx), data.train.y.index_select(0, idx)
@@ -229,6 +227,7 @@ def fit(
 def main(argv: list[str] | None = None) -> int:
     from pathlib import Path
 
+    from mnist_search.cli import add_device_flags
     from mnist_search.data import DataError, default_data_dir, ensure_mnist, load_data, load_test
 
     defaults = TrainConfig()
@@ -249,7 +248,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch-size", type=int, default=defaults.batch_size)
     p.add_argument("--epochs", type=int, default=defaults.epochs)
     p.add_argument("--seed", type=int, default=defaults.seed)
-    p.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    add_device_flags(p)
     p.add_argument("--data-dir", type=Path, default=default_data_dir())
     args = p.parse_args(argv)
     for name in ("epochs", "batch_size"):
@@ -282,7 +281,7 @@ def main(argv: list[str] | None = None) -> int:
             flush=True,
         )
 
-    result = fit(config, data, device, on_epoch_end=report)
+    result = fit(config, data, device, report, args.cuda_graphs)
     test = evaluate(result.model, load_test(args.data_dir, data.mean, data.std, device))
     seconds = sum(m["epoch_seconds"] for m in result.history)
     print(
