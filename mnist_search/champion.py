@@ -11,12 +11,9 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import os
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import mlflow
@@ -29,7 +26,7 @@ from mnist_search.cli import add_device_flags
 from mnist_search.data import data_digest, load_data, load_images
 from mnist_search.model import PixelClassifier
 from mnist_search.space import config_from_params
-from mnist_search.tracking import PARENT_TAG, ROLE_TAG, STUDY_TAG
+from mnist_search.tracking import PARENT_TAG, ROLE_TAG, STUDY_TAG, env_defaults
 from mnist_search.train import fit
 
 PREDICTION_DEVICE = "MLFLOW_DEFAULT_PREDICTION_DEVICE"  # where MLflow's pyfunc loads a model
@@ -102,18 +99,6 @@ def onnx_max_error(model: PixelClassifier, onnx_path: Path, images: torch.Tensor
     return float(np.abs(onnx_probs - torch_probs).max())
 
 
-@contextmanager
-def _environ(name: str, default: str) -> Iterator[None]:
-    """Within the block, `name` is `default` unless the user set it; then it is as it was."""
-    old = os.environ.get(name)
-    os.environ[name] = default if old is None else old
-    try:
-        yield
-    finally:
-        if old is None:
-            del os.environ[name]
-
-
 def register(
     client: MlflowClient, name: str, run_id: str, model: PixelClassifier, example, tags: dict
 ):
@@ -125,7 +110,7 @@ def register(
         probs = model(torch.from_numpy(x)).numpy()
     # MLflow checks the input example by loading the model back, on the GPU when there is one,
     # but the exported weights live on the CPU: run that check (only) on the CPU.
-    with mlflow.start_run(run_id=run_id), _environ(PREDICTION_DEVICE, "cpu"):
+    with mlflow.start_run(run_id=run_id), env_defaults({PREDICTION_DEVICE: "cpu"}):
         info = mlflow.pytorch.log_model(
             model,
             name="model",

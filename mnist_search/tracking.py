@@ -12,6 +12,7 @@ import json
 import os
 import tempfile
 import time
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -40,12 +41,16 @@ def _params(params: dict) -> list[Param]:
     return [Param(k, str(v)[:6000]) for k, v in params.items()]
 
 
+# One try with a short timeout: an unreachable server is reported in seconds, not after
+# MLflow's minutes of retries.
+FAIL_FAST = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}
+
+
 @contextmanager
-def _fail_fast():
-    """One try with a short timeout: an unreachable server is reported in seconds, not after
-    MLflow's minutes of retries. Settings the user made are kept."""
-    quick = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}
-    added = {k: v for k, v in quick.items() if k not in os.environ}
+def env_defaults(values: dict[str, str]) -> Iterator[None]:
+    """Within the block, each variable of `values` the user has not set takes its value there;
+    settings the user made are kept."""
+    added = {k: v for k, v in values.items() if k not in os.environ}
     os.environ.update(added)
     try:
         yield
@@ -106,7 +111,7 @@ class StudyTracker:
     def __init__(self, study_name: str, tracking_uri: str | None = None):
         self.study_name = study_name
         try:
-            with _fail_fast():
+            with env_defaults(FAIL_FAST):
                 self.client = MlflowClient(tracking_uri)
                 self.experiment_id = self._experiment_id(study_name)
         except Exception as e:  # noqa: BLE001 - any failure here means the store is unusable
