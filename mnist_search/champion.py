@@ -26,7 +26,7 @@ from mnist_search.cli import add_device_flags
 from mnist_search.data import data_digest, load_data, load_images
 from mnist_search.model import PixelClassifier
 from mnist_search.space import config_from_params
-from mnist_search.tracking import PARENT_TAG, ROLE_TAG, STUDY_TAG, env_defaults
+from mnist_search.tracking import PARENT_TAG, ROLE_TAG, STUDY_TAG, env_defaults, log_epoch
 from mnist_search.train import fit
 
 PREDICTION_DEVICE = "MLFLOW_DEFAULT_PREDICTION_DEVICE"  # where MLflow's pyfunc loads a model
@@ -168,7 +168,11 @@ def crown(
         )
         start = time.perf_counter()
         data = load_data(data_dir, device, val_size=0)
-        result = fit(config, data, device, lambda e, m, _: _log(client, run_id, m, e), cuda_graphs)
+
+        def on_epoch_end(epoch, metrics, model):
+            log_epoch(client, run_id, metrics, epoch)
+
+        result = fit(config, data, device, on_epoch_end, cuda_graphs)
         retrain_seconds = time.perf_counter() - start
 
         model = PixelClassifier(result.model.cpu(), data.mean, data.std).eval()
@@ -230,12 +234,6 @@ def crown(
         f"exported to {out}/"
     )
     return {**metrics, "version": version, "alias": alias, "export_dir": out, "run_id": run_id}
-
-
-def _log(client: MlflowClient, run_id: str, metrics: dict, epoch: int) -> None:
-    for key, value in metrics.items():
-        if key != "epoch":
-            client.log_metric(run_id, key, value, step=epoch)
 
 
 def main(argv: list[str] | None = None) -> int:

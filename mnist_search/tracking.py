@@ -59,6 +59,13 @@ def env_defaults(values: dict[str, str]) -> Iterator[None]:
             del os.environ[key]
 
 
+def log_epoch(client: MlflowClient, run_id: str, metrics: dict, step: int) -> None:
+    """One epoch's metrics from `fit` (all but "epoch" itself), at `step`, in one call."""
+    now = _now_ms()
+    batch = [Metric(k, float(v), now, step) for k, v in metrics.items() if k != "epoch"]
+    client.log_batch(run_id, metrics=batch)
+
+
 class TrialRun:
     """The child run of one trial; counts the seconds spent talking to MLflow."""
 
@@ -74,9 +81,7 @@ class TrialRun:
             self.tracking_seconds += time.perf_counter() - start
 
     def log_epoch(self, metrics: dict, step: int) -> None:
-        now = _now_ms()
-        batch = [Metric(k, float(v), now, step) for k, v in metrics.items() if k != "epoch"]
-        self._timed(self.client.log_batch, self.run_id, metrics=batch)
+        self._timed(log_epoch, self.client, self.run_id, metrics, step)
 
     def log_weights(self, state_dict: dict, meta: dict) -> None:
         """`weights.pt` (a state_dict) and `config.json` under `model/` in the run's artifacts."""

@@ -47,6 +47,8 @@ def test_the_champion_is_registered_with_alias_and_tags(crowned):
     run = client.get_run(version.run_id)
     assert run.data.tags["mnist_search.role"] == "champion"
     assert run.data.tags["mlflow.parentRunId"]  # nested under the study's parent run
+    retrain = client.get_metric_history(run.info.run_id, "train_loss")  # one per epoch
+    assert [m.step for m in retrain] == list(range(1, int(metrics["epochs"]) + 1))
     assert {a.path for a in client.list_artifacts(run.info.run_id, "figures")} == {
         "figures/confusion_matrix.png",
         "figures/per_class_accuracy.png",
