@@ -65,12 +65,11 @@ def model_figures(report: dict, images, labels, out: Path) -> Path:
     return folder
 
 
-def export_folder(model: PixelClassifier, meta: dict, metrics: dict, test_images, out: Path):
-    """Weights (weights_only-loadable), config, metrics and ONNX; loads without this package."""
+def export_folder(model: PixelClassifier, meta: dict, test_images, out: Path):
+    """Weights (weights_only-loadable), config and ONNX; loads without this package."""
     out.mkdir(parents=True, exist_ok=True)
     torch.save(model.state_dict(), out / "weights.pt")
     (out / "config.json").write_text(json.dumps(meta, indent=2))
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
     example = test_images[:8].float()
     try:
         torch.onnx.export(
@@ -209,11 +208,11 @@ def crown(
             "study": study.study_name,
             "trial": best.number,
         }
-        out = export_folder(model, meta, metrics, images, export_root / study.study_name)
+        out = export_folder(model, meta, images, export_root / study.study_name)
         if (out / "model.onnx").exists():
             metrics["onnx_max_abs_error"] = onnx_max_error(model, out / "model.onnx", images)
             client.log_metric(run_id, "onnx_max_abs_error", metrics["onnx_max_abs_error"])
-            (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+        (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
         client.log_artifacts(run_id, str(out), "export")
 
         tags = {
