@@ -269,6 +269,12 @@ def to_split(images: torch.Tensor, labels: torch.Tensor, mean: float, std: float
     return Split(x.to(device), labels.long().to(device))
 
 
+def pixel_stats(images: torch.Tensor) -> tuple[float, float]:
+    """Mean and std of uint8 `images` scaled to [0, 1]: the normalization a model keeps."""
+    pixels = images.float() / 255
+    return pixels.mean().item(), pixels.std().item()
+
+
 def load_data(
     data_dir: Path, device: str | torch.device = "cpu", val_size: int | None = None
 ) -> Data:
@@ -283,8 +289,7 @@ def load_data(
         train_idx, val_idx = stratified_split(labels, val_size, SPLIT_SEED)
     else:
         train_idx, val_idx = torch.arange(len(labels)), None
-    pixels = images[train_idx].float() / 255
-    mean, std = pixels.mean().item(), pixels.std().item()
+    mean, std = pixel_stats(images[train_idx])
     val = None if val_idx is None else to_split(images[val_idx], labels[val_idx], mean, std, device)
     return Data(to_split(images[train_idx], labels[train_idx], mean, std, device), val, mean, std)
 

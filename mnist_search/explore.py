@@ -20,6 +20,7 @@ from mnist_search.data import (
     default_data_dir,
     ensure_mnist,
     load_images,
+    pixel_stats,
     stratified_split,
 )
 from mnist_search.report import plt, save_figure
@@ -70,13 +71,14 @@ def intensity_histograms(images, mean: float, std: float, path: Path) -> Path:
     return save_figure(fig, path)
 
 
-def normalization_ablation(images, labels, train_idx, val_idx, epochs: int) -> dict[str, float]:
-    """Validation accuracy of one small MLP fed raw 0-255, [0, 1], and standardized pixels."""
+def normalization_ablation(
+    images, labels, train_idx, val_idx, mean: float, std: float, epochs: int
+) -> dict[str, float]:
+    """Validation accuracy of one small MLP fed raw 0-255, [0, 1], and standardized pixels
+    (`mean` and `std`: of the training images, scaled to [0, 1])."""
     from mnist_search.train import TrainConfig, fit
 
     x = images.reshape(len(images), -1).float()  # (N, 784)
-    pixels01 = x[train_idx] / 255
-    mean, std = pixels01.mean().item(), pixels01.std().item()
     variants = {
         "raw 0-255": (x, 0.0, 1.0),
         "scaled to [0, 1]": (x / 255, 0.0, 1.0),
@@ -103,8 +105,7 @@ def explore(data_dir: Path, out: Path, ablation_epochs: int = 2) -> list[Path]:
         "validation": torch.bincount(train_labels[val_idx], minlength=10).tolist(),
         "test": torch.bincount(test_labels, minlength=10).tolist(),
     }
-    pixels = train_images[train_idx].float() / 255
-    mean, std = pixels.mean().item(), pixels.std().item()
+    mean, std = pixel_stats(train_images[train_idx])
 
     import pandas as pd
 
@@ -120,7 +121,7 @@ def explore(data_dir: Path, out: Path, ablation_epochs: int = 2) -> list[Path]:
         out / "class_counts.csv",
     ]
     ablation = normalization_ablation(
-        train_images, train_labels, train_idx, val_idx, ablation_epochs
+        train_images, train_labels, train_idx, val_idx, mean, std, ablation_epochs
     )
     float_mb = len(train_labels) * 784 * 4 / 2**20
     summary = f"""# MNIST, explored
