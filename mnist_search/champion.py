@@ -260,11 +260,10 @@ def main(argv: list[str] | None = None) -> int:
         device = resolve_device(args.device)
         study = load_existing_study(args.study_name, args.storage)
         tracker = StudyTracker(args.study_name, args.tracking_uri)
+        tracker.require_parent()
         study.best_trial  # noqa: B018 - raises ValueError when no trial has completed
     except (ValueError, TrackingError) as e:
         p.error(f"{type(e).__name__}: {e}")
-    if tracker.find_parent() is None:
-        p.error(f"no MLflow parent run for study {args.study_name!r}; run the study first")
     data_dir = args.data_dir or default_data_dir()
     crown(study, tracker, data_dir, device, args.register_as, cuda_graphs=args.cuda_graphs)
     return 0

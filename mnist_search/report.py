@@ -119,11 +119,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         study = load_existing_study(args.study_name, args.storage)
         tracker = StudyTracker(args.study_name, args.tracking_uri)
+        tracker.require_parent()
     except (ValueError, TrackingError) as e:
         p.error(f"{type(e).__name__}: {e}")
     out = args.out or Path("reports") / args.study_name / "figures"
-    if tracker.find_parent() is None:
-        p.error(f"no MLflow parent run for study {args.study_name!r}; run the study first")
     for path in study_figures(study, out):
         tracker.log_parent_file(path, "figures")
         print(path)

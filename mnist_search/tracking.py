@@ -152,6 +152,14 @@ class StudyTracker:
         self.parent_id = found[0].info.run_id if found else None
         return self.parent_id
 
+    def require_parent(self) -> str:
+        """The study's parent run, or TrackingError: commands that add to a study need it."""
+        if self.find_parent() is None:
+            raise TrackingError(
+                f"no MLflow parent run for study {self.study_name!r}; run the study first"
+            )
+        return self.parent_id
+
     def create_parent(self, params: dict) -> str:
         run = self.client.create_run(
             self.experiment_id,

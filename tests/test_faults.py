@@ -215,6 +215,27 @@ def test_champion_cli_rejects_an_unknown_study(in_tmp, capsys):
     assert exit_.value.code == 2 and "nope" in capsys.readouterr().err
 
 
+def test_champion_and_report_need_the_studys_mlflow_run(in_tmp, capsys):
+    from mnist_search import report
+
+    journal = str(in_tmp / "s.journal")
+    study = optuna.create_study(study_name="bare", storage=mstudy.open_storage(journal))
+    study.add_trial(optuna.trial.create_trial(params={}, distributions={}, value=0.5))
+    argv = [
+        "--study-name",
+        "bare",
+        "--storage",
+        journal,
+        "--tracking-uri",
+        f"sqlite:///{in_tmp}/m.db",
+    ]
+    for main in (champion.main, report.main):
+        with pytest.raises(SystemExit) as exit_:
+            main(argv)
+        assert exit_.value.code == 2
+        assert "no MLflow parent run for study 'bare'" in capsys.readouterr().err
+
+
 def test_workers_flag_and_bench_reject_nonsense(capsys):
     from mnist_search import bench
 
