@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import argparse
 import os
-import signal
 import socket
 import sys
 import time
 from pathlib import Path
 
+from mnist_search import interrupts
 from mnist_search.cli import add_device_flags
 
 DEFAULT_STORAGE = "optuna-journal.log"
@@ -167,41 +167,6 @@ def fail_dead_trials(study, storage, tracker) -> list[int]:
     return failed
 
 
-class Interrupts:
-    """Ctrl-C and SIGTERM stop the study, but never in the middle of MLflow, Optuna or database
-    I/O: an interrupt landing there (a half-written transaction would keep the store locked) is
-    held, and raised at the next `check()`: after each epoch and between trials."""
-
-    LIBRARIES = ("/mlflow/", "/optuna/", "/sqlalchemy/", "/sqlite3/", "/psycopg", "/urllib3/")
-
-    def __init__(self):
-        self.pending: int | None = None
-
-    def install(self) -> None:
-        signal.signal(signal.SIGTERM, self._handle)
-        if signal.getsignal(signal.SIGINT) is not signal.SIG_IGN:  # kept ignored if it was
-            signal.signal(signal.SIGINT, self._handle)
-
-    def _handle(self, signum, frame) -> None:
-        while frame is not None:  # innermost first: whose code is running?
-            name = frame.f_code.co_filename
-            if any(library in name for library in self.LIBRARIES):
-                self.pending = signum  # inside I/O: hold it
-                return
-            if f"{os.sep}mnist_search{os.sep}" in name:
-                break  # our own code (training, between calls): safe to stop here
-            frame = frame.f_back
-        raise KeyboardInterrupt(f"signal {signum}")
-
-    def check(self) -> None:
-        if self.pending is not None:
-            signum, self.pending = self.pending, None
-            raise KeyboardInterrupt(f"signal {signum}")
-
-
-INTERRUPTS = Interrupts()
-
-
 def _alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -236,7 +201,7 @@ def make_objective(data, device, epochs: int, seed: int, tracker, cuda_graphs: b
             run.log_epoch(metrics, step=epoch)
             last.update(model=model, epoch=epoch)
             trial.report(metrics["val_accuracy"], epoch)
-            INTERRUPTS.check()  # a Ctrl-C held during the I/O above stops here
+            interrupts.check()  # a Ctrl-C or SIGTERM received since the last check stops here
             if trial.should_prune():
                 raise optuna.TrialPruned(f"pruned after epoch {epoch}")
 
@@ -248,6 +213,7 @@ def make_objective(data, device, epochs: int, seed: int, tracker, cuda_graphs: b
 
         try:
             try:
+                interrupts.check()  # one that came while the trial was set up: no epoch trained
                 result = fit(config, data, device, on_epoch_end, cuda_graphs)
             except optuna.TrialPruned as e:
                 log_weights()  # if this fails, the trial fails below, with the reason
@@ -344,7 +310,7 @@ def run_study(args, study, storage, tracker, data, device) -> int:
         # Start a trial only while finished + running ones fall short, so that N workers
         # stop at exactly --trials (a rerun tops up if a running one fails).
         while True:
-            INTERRUPTS.check()
+            interrupts.check()
             fail_dead_trials(study, storage, tracker)  # a dead worker's trial frees its place
             if finished_count(study) + running_count(study) >= args.trials:
                 break
@@ -440,38 +406,61 @@ def main(argv: list[str] | None = None) -> int:
     }
     study = open_study(args.study_name, storage, pruner, args.seed, tracker, params)
     data = mdata.load_data(data_dir, device)
-    out_dir = Path("reports") / args.study_name
-    INTERRUPTS.install()  # `kill` ends runs cleanly, like Ctrl-C
     if args.workers > 1:  # the matmuls of N trials share the cores
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // args.workers))
-    if args.worker_id > 0:  # a child worker: trials only; the first worker reports and crowns
-        try:
-            return run_study(args, study, storage, tracker, data, device)
-        except KeyboardInterrupt:
-            return 130
-    children = spawn_workers(sys.argv[1:] if argv is None else argv, args.workers)
-    try:
-        code = run_study(args, study, storage, tracker, data, device)
-        code = max([code] + [child.wait() for child in children])
-    except KeyboardInterrupt:
-        for child in children:
+    with interrupts.deferred():  # Ctrl-C and `kill` stop at the next safe point, never mid-write
+        if args.worker_id > 0:  # a child worker: trials only; the first worker reports and crowns
+            try:
+                return run_study(args, study, storage, tracker, data, device)
+            except KeyboardInterrupt:
+                return interrupts.exit_code()
+        children = spawn_workers(sys.argv[1:] if argv is None else argv, args.workers)
+        return search_and_crown(args, study, storage, tracker, data, data_dir, device, children)
+
+
+def wait_for_workers(children: list) -> list[int]:
+    """The worker processes' exit codes, once all have ended; a Ctrl-C meanwhile stops us."""
+    while any(child.poll() is None for child in children):
+        interrupts.check()
+        time.sleep(0.2)
+    return [child.returncode for child in children]
+
+
+def stop_workers(children: list) -> None:
+    for child in children:
+        if child.poll() is None:
             child.terminate()  # SIGTERM: each ends its trial as interrupted
-        for child in children:
-            child.wait()
-        print("\ninterrupted: the current trial ended as FAIL/KILLED; rerun to resume")
+    for child in children:
+        child.wait()
+
+
+def search_and_crown(args, study, storage, tracker, data, data_dir, device, children) -> int:
+    """The first worker's part: trials, then (with the others done) report and champion. The
+    parent run ends FINISHED, KILLED (interrupted: the exit code says by what) or FAILED."""
+    out_dir = Path("reports") / args.study_name
+    reported = False
+    try:
+        try:
+            code = run_study(args, study, storage, tracker, data, device)
+            code = max([code, *wait_for_workers(children)])
+        finally:
+            stop_workers(children)
         report(study, tracker, out_dir)
+        reported = True
+        if code == 0 and finished_count(study) >= args.trials and not args.no_champion:
+            from mnist_search.champion import crown
+
+            crown(study, tracker, data_dir, device, args.register_as, cuda_graphs=args.cuda_graphs)
+        interrupts.check()  # a signal that came during the last steps still counts
+    except KeyboardInterrupt:
+        print("\ninterrupted: the running trial or champion ended as FAIL/KILLED; rerun to resume")
+        if not reported:
+            report(study, tracker, out_dir)
         tracker.finish_parent("KILLED")
-        return 130
+        return interrupts.exit_code()
     except BaseException:
-        for child in children:
-            child.terminate()
         tracker.finish_parent("FAILED")
         raise
-    report(study, tracker, out_dir)
-    if code == 0 and finished_count(study) >= args.trials and not args.no_champion:
-        from mnist_search.champion import crown
-
-        crown(study, tracker, data_dir, device, args.register_as, cuda_graphs=args.cuda_graphs)
     tracker.finish_parent("FINISHED" if code == 0 else "FAILED")
     return code
 

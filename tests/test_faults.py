@@ -265,25 +265,3 @@ def test_trial_weights_are_never_unpickled(in_tmp):
     with pytest.raises(Exception, match="[Ww]eights only load failed"):
         load_weights(run_id)
     assert not (in_tmp / "pwned.txt").exists()
-
-
-def test_an_interrupt_during_store_io_is_held_until_it_is_safe():
-    from types import SimpleNamespace
-
-    def stack(*files):  # innermost first
-        frame = None
-        for name in reversed(files):
-            frame = SimpleNamespace(f_code=SimpleNamespace(co_filename=name), f_back=frame)
-        return frame
-
-    ours = f"{os.sep}site{os.sep}mnist_search{os.sep}"
-    interrupts = mstudy.Interrupts()
-    in_io = stack("/x/sqlalchemy/engine/base.py", "/x/mlflow/store/x.py", ours + "tracking.py")
-    interrupts._handle(signal.SIGINT, in_io)  # held, not raised
-    assert interrupts.pending == signal.SIGINT
-    with pytest.raises(KeyboardInterrupt):
-        interrupts.check()
-    interrupts.check()  # raised once only
-    training = stack("/x/torch/nn/functional.py", ours + "train.py", "/x/optuna/study/_optimize.py")
-    with pytest.raises(KeyboardInterrupt):  # in training: stop at once
-        interrupts._handle(signal.SIGTERM, training)
