@@ -127,16 +127,21 @@ def test_bad_flags_exit_2_with_a_message_and_create_nothing(in_tmp, flags, messa
 
 
 def test_help_is_instant():
+    """`--help` imports none of the heavy libraries: checked by what it imports, not by a
+    stopwatch, which a loaded machine would fail."""
     import subprocess
     import sys
-    import time
 
-    start = time.perf_counter()
-    done = subprocess.run([sys.executable, "-m", "mnist_search.study", "--help"],
-                          capture_output=True, text=True)  # fmt: skip
-    assert done.returncode == 0 and "--trials" in done.stdout and "(default: 50)" in done.stdout
-    assert "torch" not in done.stderr
-    assert time.perf_counter() - start < 5  # generous: no torch/optuna/mlflow import
+    probe = (
+        "import sys\n"
+        "from mnist_search import study\n"
+        "try:\n    study.main(['--help'])\nexcept SystemExit:\n    pass\n"
+        "print(sorted(m for m in ('torch', 'optuna', 'mlflow', 'pandas') if m in sys.modules))"
+    )
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert "--trials" in done.stdout and "(default: 50)" in done.stdout
+    assert done.stdout.strip().splitlines()[-1] == "[]"
 
 
 def test_a_pruned_trial_whose_weights_cannot_be_saved_fails_with_the_reason(
