@@ -2,12 +2,14 @@
 
 TPE proposes a config, plain `fit` trains it, Hyperband prunes on validation accuracy after
 every epoch, and every trial becomes a nested MLflow run under the study's parent run. Rerunning
-the same command resumes the study until it has `--trials` finished (complete or pruned) trials.
+the same command resumes the study until it has `--trials` finished (complete or pruned) trials;
+it never has more, however many workers share it.
 """
 
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import socket
 import sys
@@ -32,8 +34,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--trials",
         type=int,
         default=50,
-        help="finished (complete + pruned) trials the study should have; a rerun "
-        "tops it up, failed trials do not count",
+        help="finished (complete + pruned) trials the study should have, never more, "
+        "however many workers: one that starts a trial beyond them gives it back before "
+        "training (state FAIL, user attribute over_budget); failed trials do not count, and a "
+        "rerun tops up",
     )
     p.add_argument("--epochs", type=int, default=10, help="most epochs per trial")
     p.add_argument("--study-name", default="mnist-mlp")
@@ -181,17 +185,62 @@ def _alive(pid: int) -> bool:
         return True
 
 
-def make_objective(data, device, epochs: int, seed: int, tracker, cuda_graphs: bool = True):
-    """The objective: config from the space, plain `fit`, with pruning and logging in the hook."""
+OVER_BUDGET = "over_budget"  # trial user attribute: given back before training
+
+
+class OverBudget(Exception):
+    """Raised by the objective for a trial that found the budget taken: it ends as FAIL."""
+
+    def __init__(self, number: int, reason: str):
+        super().__init__(reason)
+        self.number = number
+
+
+def places_taken_before(trial) -> int:
+    """Trials numbered before `trial` that are finished (complete or pruned) or running.
+
+    Every storage numbers trials in one order that all workers see: the journal is one
+    append-only log, and an RDB storage locks the study's row while it numbers a new trial. So
+    once a trial exists, every trial numbered before it is visible to its worker, and workers
+    that all created a trial at the same moment agree on which ones came first."""
+    from optuna.trial import TrialState
+
+    states = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING)
+    earlier = trial.study.get_trials(deepcopy=False, states=states)
+    return sum(t.number < trial.number for t in earlier)
+
+
+def make_objective(
+    data, device, epochs: int, seed: int, tracker, cuda_graphs: bool = True, budget=None
+):
+    """The objective: config from the space, plain `fit`, with pruning and logging in the hook.
+    With a `budget`, a trial that finds `budget` earlier trials finished or running is given
+    back before training: FAIL with the user attribute `over_budget`, its run KILLED with
+    `optuna_state=OVER_BUDGET`. So the study never has more than `budget` finished trials, however
+    many workers on however many machines asked for the last place at the same moment."""
     import optuna
 
     from mnist_search.space import suggest_config
     from mnist_search.train import fit
 
+    def give_back(trial: optuna.Trial, taken: int):
+        reason = (
+            f"over budget: {taken} earlier trials already finished or running fill "
+            f"--trials {budget}; given back before training"
+        )
+        trial.set_user_attr(OVER_BUDGET, True)
+        trial.set_user_attr("fail_reason", reason)
+        run = tracker.start_trial(trial.number, {})
+        trial.set_user_attr("mlflow_run_id", run.run_id)
+        run.finish("KILLED", "OVER_BUDGET", reason)
+        raise OverBudget(trial.number, reason)
+
     def objective(trial: optuna.Trial) -> float:
-        config = suggest_config(trial, epochs, seed)
         trial.set_user_attr("host", socket.gethostname())
         trial.set_user_attr("pid", os.getpid())
+        if budget is not None and (taken := places_taken_before(trial)) >= budget:
+            give_back(trial, taken)
+        config = suggest_config(trial, epochs, seed)
         run = tracker.start_trial(trial.number, trial.params)
         trial.set_user_attr("mlflow_run_id", run.run_id)
         last = {}  # the model and number of the latest epoch, for the weights artifact
@@ -286,8 +335,26 @@ def finished_count(study) -> int:
     return len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED)))
 
 
+class _GiveBacksQuiet(logging.Filter):
+    """Optuna logs every failed trial as a warning with its traceback; a trial given back over
+    budget is no error, and `run_study` says so in one line instead."""
+
+    def __init__(self):
+        super().__init__()
+        self.numbers: set[int] = set()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        error = record.exc_info[1] if record.exc_info else None
+        if isinstance(error, OverBudget):
+            self.numbers.add(error.number)
+            return False
+        message = record.getMessage()
+        return not any(message.startswith(f"Trial {n} failed") for n in self.numbers)
+
+
 def run_study(args, study, storage, tracker, data, device) -> int:
-    """Optimize until the study has `args.trials` finished trials. Returns an exit code."""
+    """Optimize until the study has `args.trials` finished trials, never more. Returns an exit
+    code."""
     import optuna
     from tqdm import tqdm
 
@@ -298,7 +365,10 @@ def run_study(args, study, storage, tracker, data, device) -> int:
     seed = args.seed + len(study.trials) + 1000 * args.worker_id
     study.sampler = optuna.samplers.TPESampler(seed=seed)
     start, failures_in_a_row = time.monotonic(), 0
-    objective = make_objective(data, device, args.epochs, args.seed, tracker, args.cuda_graphs)
+    objective = make_objective(
+        data, device, args.epochs, args.seed, tracker, args.cuda_graphs, budget=args.trials
+    )
+    ours = []  # the trial each optimize call ran: other workers add theirs to study.trials
     bar = tqdm(
         total=args.trials,
         initial=done,
@@ -306,9 +376,13 @@ def run_study(args, study, storage, tracker, data, device) -> int:
         unit="trial",
         disable=args.worker_id > 0,  # one progress bar: the first worker's
     )
+    quiet = _GiveBacksQuiet()
+    optuna_log = logging.getLogger("optuna.study._optimize")  # where Optuna logs failed trials
+    optuna_log.addFilter(quiet)
     try:
-        # Start a trial only while finished + running ones fall short, so that N workers
-        # stop at exactly --trials (a rerun tops up if a running one fails).
+        # A cheap first test: start a trial only while finished + running ones fall short.
+        # Workers that pass it together may each start one; the objective then gives back
+        # those beyond --trials, by trial number (a rerun tops up if a running one fails).
         while True:
             interrupts.check()
             fail_dead_trials(study, storage, tracker)  # a dead worker's trial frees its place
@@ -317,16 +391,25 @@ def run_study(args, study, storage, tracker, data, device) -> int:
             if args.timeout is not None and time.monotonic() - start > args.timeout:
                 print(f"--timeout {args.timeout:g}s reached; rerun to finish", file=sys.stderr)
                 break
-            study.optimize(objective, n_trials=1, catch=(Exception,))
-            last = study.trials[-1]
+            study.optimize(
+                objective,
+                n_trials=1,
+                catch=(Exception,),
+                callbacks=[lambda study, trial: ours.append(trial)],
+            )
+            last = ours[-1]
+            bar.update(finished_count(study) - bar.n)
+            if last.user_attrs.get(OVER_BUDGET):
+                print(f"trial {last.number}: {last.user_attrs['fail_reason']}", file=sys.stderr)
+                continue
             failures_in_a_row = failures_in_a_row + 1 if last.state.name == "FAIL" else 0
             if failures_in_a_row >= 10:
                 print("error: 10 trials in a row failed; see fail_reason", file=sys.stderr)
                 return 1
-            bar.update(finished_count(study) - bar.n)
             if any(t.state.name == "COMPLETE" for t in study.trials):
                 bar.set_postfix(best=f"{study.best_value:.4f}", trial=study.best_trial.number)
     finally:
+        optuna_log.removeFilter(quiet)
         bar.close()
     print(f"worker {args.worker_id} searched for {time.monotonic() - start:.1f} s")
     return 0
