@@ -22,6 +22,7 @@ import pandas as pd
 import torch
 from mlflow import MlflowClient
 
+from mnist_search import interrupts
 from mnist_search.cli import add_device_flags
 from mnist_search.data import data_digest, load_data, load_images
 from mnist_search.model import PixelClassifier
@@ -145,7 +146,11 @@ def crown(
     export_root: Path = Path("exports"),
     cuda_graphs: bool = True,
 ) -> dict:
-    """Retrain the study's best trial on all training images, test once, export, register."""
+    """Retrain the study's best trial on all training images, test once, export, register.
+
+    A Ctrl-C or SIGTERM caught by `interrupts.deferred()` stops it between two steps (or
+    retrain epochs) as KeyboardInterrupt, with its run KILLED; any other error leaves it FAILED.
+    """
     best = study.best_trial
     epochs = best.user_attrs.get("best_epoch", best.user_attrs.get("epochs_trained"))
     seed = study.user_attrs.get("seed", 0)
@@ -165,14 +170,17 @@ def crown(
                 for k, v in {**config.to_dict(), "trial": best.number}.items()
             ],
         )
+        interrupts.check()
         start = time.perf_counter()
         data = load_data(data_dir, device, val_size=0)
 
         def on_epoch_end(epoch, metrics, model):
             log_epoch(client, run_id, metrics, epoch)
+            interrupts.check()
 
         result = fit(config, data, device, on_epoch_end, cuda_graphs)
         retrain_seconds = time.perf_counter() - start
+        interrupts.check()
 
         model = PixelClassifier(result.model.cpu(), data.mean, data.std).eval()
         images, labels = load_images(data_dir, train=False)  # the one read of the test set
@@ -188,14 +196,17 @@ def crown(
             client.log_metric(run_id, k, v)
         for digit, acc in enumerate(report["per_class"]):
             client.log_metric(run_id, f"test_accuracy_class_{digit}", acc)
+        interrupts.check()
         figures = model_figures(report, images, labels, Path("reports") / study.study_name)
         client.log_artifacts(run_id, str(figures), "figures")
+        interrupts.check()
         with tempfile.TemporaryDirectory() as tmp:
             report["confusion"].to_csv(f"{tmp}/confusion_matrix.csv")
             Path(tmp, "misclassified_test_indices.json").write_text(
                 json.dumps(report["misclassified"])
             )
             client.log_artifacts(run_id, tmp, "test")
+        interrupts.check()
 
         meta = {
             "config": config.to_dict(),
@@ -214,6 +225,7 @@ def crown(
             client.log_metric(run_id, "onnx_max_abs_error", metrics["onnx_max_abs_error"])
         (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
         client.log_artifacts(run_id, str(out), "export")
+        interrupts.check()
 
         tags = {
             "study": study.study_name,
@@ -222,6 +234,9 @@ def crown(
             "data_digest": data_digest(data_dir),
         }
         version, alias = register(client, register_as, run_id, model, images[:8], tags)
+    except KeyboardInterrupt:
+        client.set_terminated(run_id, "KILLED")
+        raise
     except BaseException:
         client.set_terminated(run_id, "FAILED")
         raise
@@ -265,7 +280,12 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, TrackingError) as e:
         p.error(f"{type(e).__name__}: {e}")
     data_dir = args.data_dir or default_data_dir()
-    crown(study, tracker, data_dir, device, args.register_as, cuda_graphs=args.cuda_graphs)
+    with interrupts.deferred():  # Ctrl-C and `kill` stop between steps, never mid-write
+        try:
+            crown(study, tracker, data_dir, device, args.register_as, cuda_graphs=args.cuda_graphs)
+        except KeyboardInterrupt:
+            print("interrupted: the champion's run ended KILLED; rerun to crown", file=sys.stderr)
+            return interrupts.exit_code()
     return 0
 
 

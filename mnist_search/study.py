@@ -2,19 +2,21 @@
 
 TPE proposes a config, plain `fit` trains it, Hyperband prunes on validation accuracy after
 every epoch, and every trial becomes a nested MLflow run under the study's parent run. Rerunning
-the same command resumes the study until it has `--trials` finished (complete or pruned) trials.
+the same command resumes the study until it has `--trials` finished (complete or pruned) trials;
+it never has more, however many workers share it.
 """
 
 from __future__ import annotations
 
 import argparse
+import logging
 import os
-import signal
 import socket
 import sys
 import time
 from pathlib import Path
 
+from mnist_search import interrupts
 from mnist_search.cli import add_device_flags
 
 DEFAULT_STORAGE = "optuna-journal.log"
@@ -32,8 +34,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--trials",
         type=int,
         default=50,
-        help="finished (complete + pruned) trials the study should have; a rerun "
-        "tops it up, failed trials do not count",
+        help="finished (complete + pruned) trials the study should have, never more, "
+        "however many workers: one that starts a trial beyond them gives it back before "
+        "training (state FAIL, user attribute over_budget); failed trials do not count, and a "
+        "rerun tops up",
     )
     p.add_argument("--epochs", type=int, default=10, help="most epochs per trial")
     p.add_argument("--study-name", default="mnist-mlp")
@@ -167,41 +171,6 @@ def fail_dead_trials(study, storage, tracker) -> list[int]:
     return failed
 
 
-class Interrupts:
-    """Ctrl-C and SIGTERM stop the study, but never in the middle of MLflow, Optuna or database
-    I/O: an interrupt landing there (a half-written transaction would keep the store locked) is
-    held, and raised at the next `check()`: after each epoch and between trials."""
-
-    LIBRARIES = ("/mlflow/", "/optuna/", "/sqlalchemy/", "/sqlite3/", "/psycopg", "/urllib3/")
-
-    def __init__(self):
-        self.pending: int | None = None
-
-    def install(self) -> None:
-        signal.signal(signal.SIGTERM, self._handle)
-        if signal.getsignal(signal.SIGINT) is not signal.SIG_IGN:  # kept ignored if it was
-            signal.signal(signal.SIGINT, self._handle)
-
-    def _handle(self, signum, frame) -> None:
-        while frame is not None:  # innermost first: whose code is running?
-            name = frame.f_code.co_filename
-            if any(library in name for library in self.LIBRARIES):
-                self.pending = signum  # inside I/O: hold it
-                return
-            if f"{os.sep}mnist_search{os.sep}" in name:
-                break  # our own code (training, between calls): safe to stop here
-            frame = frame.f_back
-        raise KeyboardInterrupt(f"signal {signum}")
-
-    def check(self) -> None:
-        if self.pending is not None:
-            signum, self.pending = self.pending, None
-            raise KeyboardInterrupt(f"signal {signum}")
-
-
-INTERRUPTS = Interrupts()
-
-
 def _alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -216,17 +185,62 @@ def _alive(pid: int) -> bool:
         return True
 
 
-def make_objective(data, device, epochs: int, seed: int, tracker, cuda_graphs: bool = True):
-    """The objective: config from the space, plain `fit`, with pruning and logging in the hook."""
+OVER_BUDGET = "over_budget"  # trial user attribute: given back before training
+
+
+class OverBudget(Exception):
+    """Raised by the objective for a trial that found the budget taken: it ends as FAIL."""
+
+    def __init__(self, number: int, reason: str):
+        super().__init__(reason)
+        self.number = number
+
+
+def places_taken_before(trial) -> int:
+    """Trials numbered before `trial` that are finished (complete or pruned) or running.
+
+    Every storage numbers trials in one order that all workers see: the journal is one
+    append-only log, and an RDB storage locks the study's row while it numbers a new trial. So
+    once a trial exists, every trial numbered before it is visible to its worker, and workers
+    that all created a trial at the same moment agree on which ones came first."""
+    from optuna.trial import TrialState
+
+    states = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING)
+    earlier = trial.study.get_trials(deepcopy=False, states=states)
+    return sum(t.number < trial.number for t in earlier)
+
+
+def make_objective(
+    data, device, epochs: int, seed: int, tracker, cuda_graphs: bool = True, budget=None
+):
+    """The objective: config from the space, plain `fit`, with pruning and logging in the hook.
+    With a `budget`, a trial that finds `budget` earlier trials finished or running is given
+    back before training: FAIL with the user attribute `over_budget`, its run KILLED with
+    `optuna_state=OVER_BUDGET`. So the study never has more than `budget` finished trials, however
+    many workers on however many machines asked for the last place at the same moment."""
     import optuna
 
     from mnist_search.space import suggest_config
     from mnist_search.train import fit
 
+    def give_back(trial: optuna.Trial, taken: int):
+        reason = (
+            f"over budget: {taken} earlier trials already finished or running fill "
+            f"--trials {budget}; given back before training"
+        )
+        trial.set_user_attr(OVER_BUDGET, True)
+        trial.set_user_attr("fail_reason", reason)
+        run = tracker.start_trial(trial.number, {})
+        trial.set_user_attr("mlflow_run_id", run.run_id)
+        run.finish("KILLED", "OVER_BUDGET", reason)
+        raise OverBudget(trial.number, reason)
+
     def objective(trial: optuna.Trial) -> float:
-        config = suggest_config(trial, epochs, seed)
         trial.set_user_attr("host", socket.gethostname())
         trial.set_user_attr("pid", os.getpid())
+        if budget is not None and (taken := places_taken_before(trial)) >= budget:
+            give_back(trial, taken)
+        config = suggest_config(trial, epochs, seed)
         run = tracker.start_trial(trial.number, trial.params)
         trial.set_user_attr("mlflow_run_id", run.run_id)
         last = {}  # the model and number of the latest epoch, for the weights artifact
@@ -236,7 +250,7 @@ def make_objective(data, device, epochs: int, seed: int, tracker, cuda_graphs: b
             run.log_epoch(metrics, step=epoch)
             last.update(model=model, epoch=epoch)
             trial.report(metrics["val_accuracy"], epoch)
-            INTERRUPTS.check()  # a Ctrl-C held during the I/O above stops here
+            interrupts.check()  # a Ctrl-C or SIGTERM received since the last check stops here
             if trial.should_prune():
                 raise optuna.TrialPruned(f"pruned after epoch {epoch}")
 
@@ -248,6 +262,7 @@ def make_objective(data, device, epochs: int, seed: int, tracker, cuda_graphs: b
 
         try:
             try:
+                interrupts.check()  # one that came while the trial was set up: no epoch trained
                 result = fit(config, data, device, on_epoch_end, cuda_graphs)
             except optuna.TrialPruned as e:
                 log_weights()  # if this fails, the trial fails below, with the reason
@@ -320,8 +335,26 @@ def finished_count(study) -> int:
     return len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED)))
 
 
+class _GiveBacksQuiet(logging.Filter):
+    """Optuna logs every failed trial as a warning with its traceback; a trial given back over
+    budget is no error, and `run_study` says so in one line instead."""
+
+    def __init__(self):
+        super().__init__()
+        self.numbers: set[int] = set()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        error = record.exc_info[1] if record.exc_info else None
+        if isinstance(error, OverBudget):
+            self.numbers.add(error.number)
+            return False
+        message = record.getMessage()
+        return not any(message.startswith(f"Trial {n} failed") for n in self.numbers)
+
+
 def run_study(args, study, storage, tracker, data, device) -> int:
-    """Optimize until the study has `args.trials` finished trials. Returns an exit code."""
+    """Optimize until the study has `args.trials` finished trials, never more. Returns an exit
+    code."""
     import optuna
     from tqdm import tqdm
 
@@ -332,7 +365,10 @@ def run_study(args, study, storage, tracker, data, device) -> int:
     seed = args.seed + len(study.trials) + 1000 * args.worker_id
     study.sampler = optuna.samplers.TPESampler(seed=seed)
     start, failures_in_a_row = time.monotonic(), 0
-    objective = make_objective(data, device, args.epochs, args.seed, tracker, args.cuda_graphs)
+    objective = make_objective(
+        data, device, args.epochs, args.seed, tracker, args.cuda_graphs, budget=args.trials
+    )
+    ours = []  # the trial each optimize call ran: other workers add theirs to study.trials
     bar = tqdm(
         total=args.trials,
         initial=done,
@@ -340,27 +376,40 @@ def run_study(args, study, storage, tracker, data, device) -> int:
         unit="trial",
         disable=args.worker_id > 0,  # one progress bar: the first worker's
     )
+    quiet = _GiveBacksQuiet()
+    optuna_log = logging.getLogger("optuna.study._optimize")  # where Optuna logs failed trials
+    optuna_log.addFilter(quiet)
     try:
-        # Start a trial only while finished + running ones fall short, so that N workers
-        # stop at exactly --trials (a rerun tops up if a running one fails).
+        # A cheap first test: start a trial only while finished + running ones fall short.
+        # Workers that pass it together may each start one; the objective then gives back
+        # those beyond --trials, by trial number (a rerun tops up if a running one fails).
         while True:
-            INTERRUPTS.check()
+            interrupts.check()
             fail_dead_trials(study, storage, tracker)  # a dead worker's trial frees its place
             if finished_count(study) + running_count(study) >= args.trials:
                 break
             if args.timeout is not None and time.monotonic() - start > args.timeout:
                 print(f"--timeout {args.timeout:g}s reached; rerun to finish", file=sys.stderr)
                 break
-            study.optimize(objective, n_trials=1, catch=(Exception,))
-            last = study.trials[-1]
+            study.optimize(
+                objective,
+                n_trials=1,
+                catch=(Exception,),
+                callbacks=[lambda study, trial: ours.append(trial)],
+            )
+            last = ours[-1]
+            bar.update(finished_count(study) - bar.n)
+            if last.user_attrs.get(OVER_BUDGET):
+                print(f"trial {last.number}: {last.user_attrs['fail_reason']}", file=sys.stderr)
+                continue
             failures_in_a_row = failures_in_a_row + 1 if last.state.name == "FAIL" else 0
             if failures_in_a_row >= 10:
                 print("error: 10 trials in a row failed; see fail_reason", file=sys.stderr)
                 return 1
-            bar.update(finished_count(study) - bar.n)
             if any(t.state.name == "COMPLETE" for t in study.trials):
                 bar.set_postfix(best=f"{study.best_value:.4f}", trial=study.best_trial.number)
     finally:
+        optuna_log.removeFilter(quiet)
         bar.close()
     print(f"worker {args.worker_id} searched for {time.monotonic() - start:.1f} s")
     return 0
@@ -440,38 +489,61 @@ def main(argv: list[str] | None = None) -> int:
     }
     study = open_study(args.study_name, storage, pruner, args.seed, tracker, params)
     data = mdata.load_data(data_dir, device)
-    out_dir = Path("reports") / args.study_name
-    INTERRUPTS.install()  # `kill` ends runs cleanly, like Ctrl-C
     if args.workers > 1:  # the matmuls of N trials share the cores
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // args.workers))
-    if args.worker_id > 0:  # a child worker: trials only; the first worker reports and crowns
-        try:
-            return run_study(args, study, storage, tracker, data, device)
-        except KeyboardInterrupt:
-            return 130
-    children = spawn_workers(sys.argv[1:] if argv is None else argv, args.workers)
-    try:
-        code = run_study(args, study, storage, tracker, data, device)
-        code = max([code] + [child.wait() for child in children])
-    except KeyboardInterrupt:
-        for child in children:
+    with interrupts.deferred():  # Ctrl-C and `kill` stop at the next safe point, never mid-write
+        if args.worker_id > 0:  # a child worker: trials only; the first worker reports and crowns
+            try:
+                return run_study(args, study, storage, tracker, data, device)
+            except KeyboardInterrupt:
+                return interrupts.exit_code()
+        children = spawn_workers(sys.argv[1:] if argv is None else argv, args.workers)
+        return search_and_crown(args, study, storage, tracker, data, data_dir, device, children)
+
+
+def wait_for_workers(children: list) -> list[int]:
+    """The worker processes' exit codes, once all have ended; a Ctrl-C meanwhile stops us."""
+    while any(child.poll() is None for child in children):
+        interrupts.check()
+        time.sleep(0.2)
+    return [child.returncode for child in children]
+
+
+def stop_workers(children: list) -> None:
+    for child in children:
+        if child.poll() is None:
             child.terminate()  # SIGTERM: each ends its trial as interrupted
-        for child in children:
-            child.wait()
-        print("\ninterrupted: the current trial ended as FAIL/KILLED; rerun to resume")
+    for child in children:
+        child.wait()
+
+
+def search_and_crown(args, study, storage, tracker, data, data_dir, device, children) -> int:
+    """The first worker's part: trials, then (with the others done) report and champion. The
+    parent run ends FINISHED, KILLED (interrupted: the exit code says by what) or FAILED."""
+    out_dir = Path("reports") / args.study_name
+    reported = False
+    try:
+        try:
+            code = run_study(args, study, storage, tracker, data, device)
+            code = max([code, *wait_for_workers(children)])
+        finally:
+            stop_workers(children)
         report(study, tracker, out_dir)
+        reported = True
+        if code == 0 and finished_count(study) >= args.trials and not args.no_champion:
+            from mnist_search.champion import crown
+
+            crown(study, tracker, data_dir, device, args.register_as, cuda_graphs=args.cuda_graphs)
+        interrupts.check()  # a signal that came during the last steps still counts
+    except KeyboardInterrupt:
+        print("\ninterrupted: the running trial or champion ended as FAIL/KILLED; rerun to resume")
+        if not reported:
+            report(study, tracker, out_dir)
         tracker.finish_parent("KILLED")
-        return 130
+        return interrupts.exit_code()
     except BaseException:
-        for child in children:
-            child.terminate()
         tracker.finish_parent("FAILED")
         raise
-    report(study, tracker, out_dir)
-    if code == 0 and finished_count(study) >= args.trials and not args.no_champion:
-        from mnist_search.champion import crown
-
-        crown(study, tracker, data_dir, device, args.register_as, cuda_graphs=args.cuda_graphs)
     tracker.finish_parent("FINISHED" if code == 0 else "FAILED")
     return code
 

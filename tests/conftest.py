@@ -1,8 +1,15 @@
-"""Shared fixtures: tiny synthetic MNIST in torchvision's layout, and the real one (cached)."""
+"""Shared fixtures: tiny synthetic MNIST in torchvision's layout, the real one (cached), and a
+throw-away PostgreSQL cluster."""
 
 from __future__ import annotations
 
+import glob
+import os
+import pwd
+import shutil
 import socket
+import subprocess
+import tempfile
 import time
 import urllib.request
 from pathlib import Path
@@ -94,3 +101,39 @@ def wait_for_http(url: str, server, seconds: float, log) -> None:
                 server.wait()
                 pytest.fail(f"server did not start: {log()[-3000:]}")
             time.sleep(0.5)
+
+
+PG_BIN = next(iter(sorted(glob.glob("/usr/lib/postgresql/*/bin"), reverse=True)), None)
+
+
+def as_postgres(cmd: list[str]) -> list[str]:
+    """PostgreSQL refuses to run as root: drop to its own user when we are root."""
+    return ["runuser", "-u", "postgres", "--", *cmd] if os.geteuid() == 0 else cmd
+
+
+@pytest.fixture
+def postgres(tmp_path):
+    """A throw-away cluster on 127.0.0.1 with databases `optuna` and `mlflow`; yields its URL."""
+    if PG_BIN is None:
+        pytest.skip("PostgreSQL server binaries not found: apt-get install postgresql")
+    pytest.importorskip("psycopg", reason="pip install -e '.[postgres]'")
+    root = Path(tempfile.mkdtemp(prefix="mnist-search-pg-"))  # outside pytest's 0700 folders
+    if os.geteuid() == 0:
+        user = pwd.getpwnam("postgres")
+        os.chown(root, user.pw_uid, user.pw_gid)
+    data, port = root / "data", free_port()
+    run = lambda cmd: subprocess.run(as_postgres(cmd), check=True, capture_output=True)  # noqa: E731
+    run([f"{PG_BIN}/initdb", "-D", str(data), "-A", "trust", "-U", "postgres"])
+    options = f"-p {port} -k {root} -c listen_addresses=127.0.0.1 -c max_connections=200"
+    run(
+        [f"{PG_BIN}/pg_ctl", "-D", str(data), "-o", options, "-l", str(root / "log"), "-w", "start"]
+    )
+    try:
+        for db in ("optuna", "mlflow"):
+            run([f"{PG_BIN}/createdb", "-h", "127.0.0.1", "-p", str(port), "-U", "postgres", db])
+        yield f"postgresql://postgres@127.0.0.1:{port}"
+    finally:
+        subprocess.run(
+            as_postgres([f"{PG_BIN}/pg_ctl", "-D", str(data), "-m", "immediate", "stop"])
+        )
+        shutil.rmtree(root, ignore_errors=True)

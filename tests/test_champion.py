@@ -200,7 +200,7 @@ def test_mlflow_models_serve_answers_invocations(crowned, monkeypatch):
     with open(log, "w") as out:  # a file, not a pipe: a full pipe would stall the server
         server = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT)
     try:
-        wait_for_http(f"http://127.0.0.1:{port}/ping", server, 180, log.read_text)
+        wait_for_http(f"http://127.0.0.1:{port}/ping", server, 600, log.read_text)  # a hang bound
         images, _ = load_images(data_dir, train=False)
         batch = images[:5].reshape(5, -1).tolist()  # raw 0-255 integers, as a client sends them
         request = urllib.request.Request(
@@ -208,7 +208,7 @@ def test_mlflow_models_serve_answers_invocations(crowned, monkeypatch):
             data=json.dumps({"inputs": batch}).encode(),
             headers={"Content-Type": "application/json"},
         )
-        answer = json.loads(urllib.request.urlopen(request, timeout=30).read())
+        answer = json.loads(urllib.request.urlopen(request, timeout=300).read())
         served = np.asarray(answer["predictions"])
         with torch.no_grad():
             local = mlflow.pytorch.load_model("models:/mnist-mlp@champion")(

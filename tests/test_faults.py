@@ -27,22 +27,82 @@ from mnist_search import study as mstudy
 from mnist_search.tracking import load_weights
 
 WRAPPER = """
+import signal
 import sys
+import time
+
+# These tests signal this process: start it as a terminal would, whatever the suite inherited
+# (a background job of a script inherits SIGINT ignored, and the study keeps it ignored).
+signal.signal(signal.SIGINT, signal.default_int_handler)
+signal.signal(signal.SIGTERM, signal.SIG_DFL)
 from mnist_search import data
 data.OFFICIAL_SHA256 = {digests!r}
 data.VAL_SIZE = 100
+{hooks}
 from mnist_search.study import main
 sys.exit(main(sys.argv[1:]))
 """
 
 
-def start(tmp, data_dir, *flags):
-    (tmp / "run_study.py").write_text(WRAPPER.format(digests=mdata.OFFICIAL_SHA256))
+def wrapper(hooks: str = "") -> str:
+    """The study's command for the synthetic data, with `hooks` run before it starts."""
+    return WRAPPER.format(digests=mdata.OFFICIAL_SHA256, hooks=hooks)
+
+
+def every_worker_gets_a_trial(workers: int) -> str:
+    """A hook: each process's first trial trains only once `workers` processes have a trial,
+    so that every worker does trials however slowly the others start (bounded by 10 min)."""
+    return f"""
+import os
+from mnist_search import study as _study
+_make_objective = _study.make_objective
+def make_objective(*args, **kwargs):
+    objective = _make_objective(*args, **kwargs)
+    waited = []
+    def first_trial_waits_for_all(trial):
+        if not waited:
+            waited.append(trial.number)
+            trial.set_user_attr("pid", os.getpid())
+            deadline = time.monotonic() + 600
+            while time.monotonic() < deadline:
+                trials = trial.study.get_trials(deepcopy=False)
+                if len({{t.user_attrs.get("pid") for t in trials}} - {{None}}) >= {workers}:
+                    break
+                time.sleep(0.2)
+        return objective(trial)
+    return first_trial_waits_for_all
+_study.make_objective = make_objective
+"""
+
+
+STARTED = []  # every process a test here started; none outlives its test
+
+
+@pytest.fixture(autouse=True)
+def _no_process_left_behind():
+    yield
+    for proc in STARTED:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    STARTED.clear()
+
+
+def start(tmp, data_dir, *flags, champion=False, hooks=""):
+    (tmp / "run_study.py").write_text(wrapper(hooks))
     cmd = [sys.executable, str(tmp / "run_study.py"), "--data-dir", str(data_dir)]
-    cmd += ["--storage", str(tmp / "s.journal"), "--device", "cpu", "--no-champion", *flags]
+    cmd += ["--storage", str(tmp / "s.journal"), "--device", "cpu", *flags]
+    cmd += [] if champion else ["--no-champion"]
     env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp}/mlflow.db"}
     pipe = subprocess.PIPE
-    return subprocess.Popen(cmd, cwd=tmp, env=env, stdout=pipe, stderr=pipe, text=True)
+    STARTED.append(subprocess.Popen(cmd, cwd=tmp, env=env, stdout=pipe, stderr=pipe, text=True))
+    return STARTED[-1]
+
+
+def run_in_process(tmp, data_dir, *flags) -> int:
+    """The same command in this process (quicker to start), on the same stores as `start`."""
+    argv = ["--data-dir", str(data_dir), "--storage", str(tmp / "s.journal"), "--device", "cpu"]
+    return mstudy.main([*argv, "--no-champion", *flags])
 
 
 def load(tmp):
@@ -51,26 +111,28 @@ def load(tmp):
     )
 
 
-def wait_for(tmp, condition, proc, limit=120):
+def wait_for(tmp, condition, proc, limit=600):
+    """Poll the study until `condition(trials)` holds; `limit` only bounds a hang."""
     deadline = time.monotonic() + limit
     while time.monotonic() < deadline:
         if (tmp / "s.journal").exists():
             try:
-                if condition(load(tmp).trials):
-                    return
+                if found := condition(load(tmp).trials):
+                    return found
             except KeyError:  # the study is not created yet
                 pass
         assert proc.poll() is None, proc.communicate()
         time.sleep(0.2)
-    proc.kill()
     pytest.fail("condition not reached")
 
 
+# Trials that cannot end by themselves: whenever the test signals, one is mid-trial.
+ENDLESS = ["--trials", "3", "--epochs", "1000000", "--pruner", "none"]
+
+
 def mid_trial(trials):
-    """At least one trial finished, and another is running with an epoch done."""
-    states = [t.state.name for t in trials]
-    running = [t for t in trials if t.state.name == "RUNNING" and t.intermediate_values]
-    return "COMPLETE" in states and running
+    """The trial running with an epoch done, if there is one."""
+    return next((t for t in trials if t.state.name == "RUNNING" and t.intermediate_values), None)
 
 
 def assert_one_to_one(tmp, study):
@@ -89,18 +151,16 @@ def assert_one_to_one(tmp, study):
 
 
 @pytest.mark.slow
-def test_kill_9_mid_trial_then_rerun_loses_nothing(tmp_path, synthetic_mnist):
-    flags = ["--trials", "3", "--epochs", "150", "--pruner", "none"]
-    proc = start(tmp_path, synthetic_mnist, *flags)
-    wait_for(tmp_path, mid_trial, proc)
-    before = {t.number: t for t in load(tmp_path).trials if t.state.name == "COMPLETE"}
-    killed = next(t.number for t in load(tmp_path).trials if t.state.name == "RUNNING")
+def test_kill_9_mid_trial_then_rerun_loses_nothing(in_tmp, synthetic_mnist):
+    tmp_path = in_tmp
+    assert run_in_process(tmp_path, synthetic_mnist, "--trials", "1", "--epochs", "2") == 0
+    before = {t.number: t for t in load(tmp_path).trials}
+    proc = start(tmp_path, synthetic_mnist, *ENDLESS)
+    killed = wait_for(tmp_path, mid_trial, proc).number
     proc.send_signal(signal.SIGKILL)
     proc.wait()
 
-    rerun = start(tmp_path, synthetic_mnist, *flags)
-    out, err = rerun.communicate(timeout=300)
-    assert rerun.returncode == 0, err
+    assert run_in_process(tmp_path, synthetic_mnist, "--trials", "3", "--epochs", "2") == 0
     study = load(tmp_path)
     finished = [t for t in study.trials if t.state.name in ("COMPLETE", "PRUNED")]
     assert len(finished) == 3
@@ -113,20 +173,22 @@ def test_kill_9_mid_trial_then_rerun_loses_nothing(tmp_path, synthetic_mnist):
         run_id = trial.user_attrs["mlflow_run_id"]
         assert by_id[run_id].info.status == "FINISHED"
         state_dict, meta = load_weights(run_id, f"sqlite:///{tmp_path}/mlflow.db")
-        assert meta["epochs_trained"] == 150 and state_dict
+        assert meta["epochs_trained"] == 2 and state_dict
 
 
 @pytest.mark.slow
-def test_sigint_ends_the_trial_as_interrupted_and_a_rerun_resumes(tmp_path, synthetic_mnist):
-    flags = ["--trials", "3", "--epochs", "150", "--pruner", "none"]
-    proc = start(tmp_path, synthetic_mnist, *flags)
-    wait_for(tmp_path, mid_trial, proc)
+def test_sigint_ends_the_trial_as_interrupted_and_a_rerun_resumes(in_tmp, synthetic_mnist):
+    tmp_path = in_tmp
+    assert run_in_process(tmp_path, synthetic_mnist, "--trials", "1", "--epochs", "2") == 0
+    proc = start(tmp_path, synthetic_mnist, *ENDLESS)
+    running = wait_for(tmp_path, mid_trial, proc)
     proc.send_signal(signal.SIGINT)
-    out, err = proc.communicate(timeout=60)
-    assert proc.returncode == 130
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 130, err
     assert "interrupted" in out and "val_accuracy" in out  # the leaderboard so far
     study = load(tmp_path)
     (interrupted,) = [t for t in study.trials if t.state.name == "FAIL"]
+    assert interrupted.number == running.number
     client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
     run = client.get_run(interrupted.user_attrs["mlflow_run_id"])
     assert run.info.status == "KILLED" and run.data.tags["optuna_state"] == "INTERRUPTED"
@@ -134,24 +196,76 @@ def test_sigint_ends_the_trial_as_interrupted_and_a_rerun_resumes(tmp_path, synt
     (parent,) = client.search_runs([exp.experiment_id], "tags.`mnist_search.role` = 'study'")
     assert parent.info.status == "KILLED"
 
-    rerun = start(tmp_path, synthetic_mnist, "--trials", "3", "--epochs", "2")
-    assert rerun.wait(timeout=300) == 0
+    assert run_in_process(tmp_path, synthetic_mnist, "--trials", "3", "--epochs", "2") == 0
     study = load(tmp_path)
-    assert len([t for t in study.trials if t.state.name == "COMPLETE"]) == 3
+    assert len([t for t in study.trials if t.state.name in ("COMPLETE", "PRUNED")]) == 3
     assert_one_to_one(tmp_path, study)
+
+
+# A hook: the champion's first upload (its figures) waits for a signal, then goes on. The test
+# signals once the marker exists, so the signal lands while the champion is in an MLflow call.
+HOLD_IN_THE_CHAMPIONS_UPLOAD = """
+import pathlib
+from mlflow import MlflowClient
+from mnist_search import interrupts
+_log_artifacts = MlflowClient.log_artifacts
+def log_artifacts(self, run_id, local_dir, artifact_path=None):
+    if artifact_path == "figures":
+        pathlib.Path("in-the-champions-upload").touch()
+        deadline = time.monotonic() + 600
+        while interrupts.received() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+    return _log_artifacts(self, run_id, local_dir, artifact_path)
+MlflowClient.log_artifacts = log_artifacts
+"""
+
+
+@pytest.mark.slow
+def test_sigint_during_the_champion_leaves_no_run_running_and_exits_130(tmp_path, synthetic_mnist):
+    flags = ["--trials", "2", "--epochs", "2"]
+    proc = start(
+        tmp_path, synthetic_mnist, *flags, champion=True, hooks=HOLD_IN_THE_CHAMPIONS_UPLOAD
+    )
+    deadline = time.monotonic() + 600  # bounds a hang only
+    while not (tmp_path / "in-the-champions-upload").exists():
+        assert proc.poll() is None, proc.communicate()
+        if time.monotonic() > deadline:
+            pytest.fail("the champion never began its first upload")
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 130, err
+    assert "interrupted" in out
+
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    exp = client.get_experiment_by_name("mnist-mlp")
+    runs = client.search_runs([exp.experiment_id])
+    assert not [r.info.run_name for r in runs if r.info.status == "RUNNING"]
+    role = {r.info.run_id: r.data.tags["mnist_search.role"] for r in runs}
+    (champion_run,) = [r for r in runs if role[r.info.run_id] == "champion"]
+    assert champion_run.info.status == "KILLED"
+    (parent,) = [r for r in runs if role[r.info.run_id] == "study"]
+    assert parent.info.status == "KILLED"
+    # the upload under way when the signal came was not cut short; the next step never began
+    uploaded = {a.path for a in client.list_artifacts(champion_run.info.run_id, "figures")}
+    assert len(uploaded) == 3
+    assert not client.list_artifacts(champion_run.info.run_id, "export")
+    assert not (tmp_path / "exports").exists()
+    assert not client.search_registered_models()
 
 
 @pytest.mark.slow
 def test_workers_share_one_study_without_losing_or_doubling_trials(tmp_path, synthetic_mnist):
-    # trials long enough (a second or two) that the children are up before the first is done
-    flags = ["--trials", "9", "--epochs", "80", "--pruner", "none", "--workers", "3"]
-    proc = start(tmp_path, synthetic_mnist, *flags)
-    out, err = proc.communicate(timeout=300)
+    flags = ["--trials", "9", "--epochs", "20", "--pruner", "none", "--workers", "3"]
+    proc = start(tmp_path, synthetic_mnist, *flags, hooks=every_worker_gets_a_trial(3))
+    out, err = proc.communicate(timeout=600)
     assert proc.returncode == 0, err
     assert "database is locked" not in err
     study = load(tmp_path)
     assert len([t for t in study.trials if t.state.name in ("COMPLETE", "PRUNED")]) == 9
-    assert not [t for t in study.trials if t.state.name in ("RUNNING", "FAIL")]
+    assert not [t for t in study.trials if t.state.name == "RUNNING"]
+    # the only FAIL allowed: a trial that a worker started beyond --trials and gave back
+    assert all(t.user_attrs.get("over_budget") for t in study.trials if t.state.name == "FAIL")
     assert len({t.user_attrs["pid"] for t in study.trials}) == 3  # all three did trials
     assert_one_to_one(tmp_path, study)
 
@@ -265,25 +379,3 @@ def test_trial_weights_are_never_unpickled(in_tmp):
     with pytest.raises(Exception, match="[Ww]eights only load failed"):
         load_weights(run_id)
     assert not (in_tmp / "pwned.txt").exists()
-
-
-def test_an_interrupt_during_store_io_is_held_until_it_is_safe():
-    from types import SimpleNamespace
-
-    def stack(*files):  # innermost first
-        frame = None
-        for name in reversed(files):
-            frame = SimpleNamespace(f_code=SimpleNamespace(co_filename=name), f_back=frame)
-        return frame
-
-    ours = f"{os.sep}site{os.sep}mnist_search{os.sep}"
-    interrupts = mstudy.Interrupts()
-    in_io = stack("/x/sqlalchemy/engine/base.py", "/x/mlflow/store/x.py", ours + "tracking.py")
-    interrupts._handle(signal.SIGINT, in_io)  # held, not raised
-    assert interrupts.pending == signal.SIGINT
-    with pytest.raises(KeyboardInterrupt):
-        interrupts.check()
-    interrupts.check()  # raised once only
-    training = stack("/x/torch/nn/functional.py", ours + "train.py", "/x/optuna/study/_optimize.py")
-    with pytest.raises(KeyboardInterrupt):  # in training: stop at once
-        interrupts._handle(signal.SIGTERM, training)

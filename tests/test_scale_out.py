@@ -6,60 +6,20 @@ on free loopback ports, runs 3 workers on tiny synthetic data, SIGKILLs one mid-
 checks that nothing else is lost. Everything it starts is stopped whatever happens.
 """
 
-import glob
 import os
-import pwd
-import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import time
-from pathlib import Path
 
 import optuna
 import pytest
 from mlflow import MlflowClient
 
-from mnist_search import data as mdata
 from tests.conftest import free_port, wait_for_http
-from tests.test_faults import WRAPPER
+from tests.test_faults import every_worker_gets_a_trial, wrapper
 
 pytestmark = [pytest.mark.postgres, pytest.mark.slow]
-PG_BIN = next(iter(sorted(glob.glob("/usr/lib/postgresql/*/bin"), reverse=True)), None)
-
-
-def as_postgres(cmd: list[str]) -> list[str]:
-    """PostgreSQL refuses to run as root: drop to its own user when we are root."""
-    return ["runuser", "-u", "postgres", "--", *cmd] if os.geteuid() == 0 else cmd
-
-
-@pytest.fixture
-def postgres(tmp_path):
-    """A throw-away cluster on 127.0.0.1 with databases `optuna` and `mlflow`; yields its URL."""
-    if PG_BIN is None:
-        pytest.skip("PostgreSQL server binaries not found: apt-get install postgresql")
-    pytest.importorskip("psycopg", reason="pip install -e '.[postgres]'")
-    root = Path(tempfile.mkdtemp(prefix="mnist-search-pg-"))  # outside pytest's 0700 folders
-    if os.geteuid() == 0:
-        user = pwd.getpwnam("postgres")
-        os.chown(root, user.pw_uid, user.pw_gid)
-    data, port = root / "data", free_port()
-    run = lambda cmd: subprocess.run(as_postgres(cmd), check=True, capture_output=True)  # noqa: E731
-    run([f"{PG_BIN}/initdb", "-D", str(data), "-A", "trust", "-U", "postgres"])
-    options = f"-p {port} -k {root} -c listen_addresses=127.0.0.1 -c max_connections=200"
-    run(
-        [f"{PG_BIN}/pg_ctl", "-D", str(data), "-o", options, "-l", str(root / "log"), "-w", "start"]
-    )
-    try:
-        for db in ("optuna", "mlflow"):
-            run([f"{PG_BIN}/createdb", "-h", "127.0.0.1", "-p", str(port), "-U", "postgres", db])
-        yield f"postgresql://postgres@127.0.0.1:{port}"
-    finally:
-        subprocess.run(
-            as_postgres([f"{PG_BIN}/pg_ctl", "-D", str(data), "-m", "immediate", "stop"])
-        )
-        shutil.rmtree(root, ignore_errors=True)
 
 
 @pytest.fixture
@@ -74,7 +34,7 @@ def mlflow_server(postgres, tmp_path):
     url = f"http://127.0.0.1:{port}"
     try:
         # the first start migrates the database
-        wait_for_http(f"{url}/health", server, 180, (tmp_path / "mlflow-server.log").read_text)
+        wait_for_http(f"{url}/health", server, 600, (tmp_path / "mlflow-server.log").read_text)
         yield url
     finally:
         try:
@@ -87,48 +47,83 @@ def mlflow_server(postgres, tmp_path):
         log.close()
 
 
+# Hooks that make the kill land mid-trial, with work left to do, however loaded the machine:
+# the victim's first trial holds after its first epoch until the test kills it, and the other
+# workers start their second trials only once the test has killed it.
+VICTIM = """
+from mnist_search import train as _train
+_fit = _train.fit
+def fit(config, data, device="cpu", on_epoch_end=None, cuda_graphs=True):
+    def then_hold(epoch, metrics, model):
+        on_epoch_end(epoch, metrics, model)
+        time.sleep(600)  # mid-trial, with an epoch reported, until the test kills this process
+    return _fit(config, data, device, then_hold, cuda_graphs)
+_train.fit = fit
+"""
+SURVIVOR = """
+import pathlib
+from mnist_search import train as _train
+_fit = _train.fit
+fits = []
+def fit(*args, **kwargs):
+    fits.append(1)
+    deadline = time.monotonic() + 600
+    while len(fits) > 1 and not pathlib.Path("victim-killed").exists():
+        if time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    return _fit(*args, **kwargs)
+_train.fit = fit
+"""
+
+
 def test_three_workers_on_postgres_and_a_tracking_server(
     postgres, mlflow_server, tmp_path, synthetic_mnist
 ):
     storage_url = f"{postgres}/optuna"
-    (tmp_path / "run_study.py").write_text(WRAPPER.format(digests=mdata.OFFICIAL_SHA256))
-    cmd = [sys.executable, str(tmp_path / "run_study.py"), "--data-dir", str(synthetic_mnist)]
-    # trials of a few seconds each, so that the kill lands with work still left to do
-    cmd += ["--storage", storage_url, "--study-name", "scale", "--trials", "9", "--epochs", "100"]
-    cmd += ["--pruner", "none", "--device", "cpu", "--no-champion"]
+    flags = ["--data-dir", str(synthetic_mnist), "--storage", storage_url, "--study-name", "scale"]
+    flags += ["--trials", "9", "--epochs", "20", "--pruner", "none", "--device", "cpu"]
+    flags += ["--no-champion"]
     env = {**os.environ, "MLFLOW_TRACKING_URI": mlflow_server}
-    workers = [
-        subprocess.Popen(
-            cmd, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
-        )  # fmt: skip
-        for _ in range(3)
-    ]
+    workers = []
+    for role in (VICTIM, SURVIVOR, SURVIVOR):
+        script = tmp_path / f"worker{len(workers)}.py"
+        script.write_text(wrapper(every_worker_gets_a_trial(3) + role))
+        workers.append(
+            subprocess.Popen(
+                [sys.executable, str(script), *flags],
+                cwd=tmp_path,
+                env=env,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.PIPE,
+                text=True,
+            )  # fmt: skip
+        )
     watcher = optuna.storages.RDBStorage(storage_url)  # one connection pool, reused
     try:
         victim = None
-        deadline = time.monotonic() + 240
-        while victim is None and time.monotonic() < deadline:
+        deadline = time.monotonic() + 600  # bounds a hang only
+        while victim is None:
+            assert workers[0].poll() is None, workers[0].communicate()
+            assert time.monotonic() < deadline, "the victim never began a trial"
             time.sleep(0.5)
             try:
                 trials = optuna.load_study(study_name="scale", storage=watcher).trials
             except KeyError:
                 continue
-            done = [t for t in trials if t.state.name == "COMPLETE"]
             busy = [t for t in trials if t.state.name == "RUNNING" and t.intermediate_values]
-            pids = {w.pid for w in workers}
-            finished = len(done)
-            if done and busy and busy[0].user_attrs.get("pid") in pids and finished <= 4:
-                victim = busy[0]
-        assert victim is not None, "no worker was mid-trial in time"
-        os.kill(victim.user_attrs["pid"], signal.SIGKILL)
-        for w in workers:
-            _, err = w.communicate(timeout=300)
-            if w.pid != victim.user_attrs["pid"]:
-                assert w.returncode == 0, err
+            victim = next((t for t in busy if t.user_attrs.get("pid") == workers[0].pid), None)
+        workers[0].kill()
+        workers[0].communicate()
+        (tmp_path / "victim-killed").touch()
+        for w in workers[1:]:
+            _, err = w.communicate(timeout=600)
+            assert w.returncode == 0, err
     finally:
         for w in workers:
             if w.poll() is None:
                 w.kill()
+                w.communicate()
 
     study = optuna.load_study(study_name="scale", storage=watcher)
     states = [t.state.name for t in study.trials]
@@ -136,6 +131,9 @@ def test_three_workers_on_postgres_and_a_tracking_server(
     assert states.count("COMPLETE") == 9, (victim.number, victim.user_attrs, where)
     assert "RUNNING" not in states
     assert study.trials[victim.number].state.name == "FAIL"
+    assert study.trials[victim.number].user_attrs["fail_reason"] == "process died"
+    others = [t for t in study.trials if t.state.name == "FAIL" and t.number != victim.number]
+    assert all(t.user_attrs.get("over_budget") for t in others)  # given back, not failed
     assert len({t.user_attrs["pid"] for t in study.trials}) == 3
 
     client = MlflowClient(mlflow_server)
@@ -155,3 +153,5 @@ def test_three_workers_on_postgres_and_a_tracking_server(
             assert status[t.user_attrs["mlflow_run_id"]] == "FINISHED"
             files = client.list_artifacts(t.user_attrs["mlflow_run_id"], "model")
             assert {f.path for f in files} == {"model/weights.pt", "model/config.json"}
+    for t in others:
+        assert status[t.user_attrs["mlflow_run_id"]] == "KILLED"
