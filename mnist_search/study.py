@@ -19,6 +19,7 @@ from mnist_search.cli import add_device_flags
 
 DEFAULT_STORAGE = "optuna-journal.log"
 PARENT_ATTR = "mlflow_parent_run_id"  # study user attribute: the MLflow parent run
+METRIC_NAME = "val_accuracy"  # the objective's name in Optuna's dashboard, CLI and plots
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -120,8 +121,10 @@ def open_study(name: str, storage, pruner, seed: int, tracker, params: dict):
         )
     except optuna.exceptions.DuplicatedStudyError:
         study = optuna.load_study(study_name=name, storage=storage, pruner=pruner)
+        name_objective(study)  # a study made before its objective had a name
     else:
         study.set_user_attr("seed", seed)  # the champion retrains with the study's own seed
+        name_objective(study)
         study.set_user_attr(PARENT_ATTR, tracker.create_parent(params))
         return study
     deadline = time.monotonic() + 60
@@ -133,6 +136,18 @@ def open_study(name: str, storage, pruner, seed: int, tracker, params: dict):
         study.set_user_attr(PARENT_ATTR, run_id)
     tracker.reopen_parent(run_id)
     return study
+
+
+def name_objective(study) -> None:
+    """Label the objective `val_accuracy` rather than Optuna's "Objective 0"."""
+    import warnings
+
+    import optuna
+
+    if study.metric_names != [METRIC_NAME]:
+        with warnings.catch_warnings():  # experimental since Optuna 3.2, still in 5.0
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            study.set_metric_names([METRIC_NAME])
 
 
 def load_existing_study(name: str, storage_url: str):

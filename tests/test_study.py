@@ -63,6 +63,7 @@ def test_every_trial_is_a_child_run_with_metrics_and_weights(in_tmp, synthetic_m
         model.load_state_dict(state_dict)
         assert evaluate(model, data.val)["accuracy"] == pytest.approx(history[-1].value)
     assert (in_tmp / "reports/mnist-mlp/leaderboard.csv").exists()
+    assert study.metric_names == ["val_accuracy"]  # what Optuna's dashboard and plots show
 
 
 def test_rerun_with_more_trials_continues_the_same_study(in_tmp, synthetic_mnist):
