@@ -249,7 +249,8 @@ def make_objective(data, device, epochs: int, seed: int, tracker, cuda_graphs: b
 
         def on_epoch_end(epoch, metrics, model):
             run.log_epoch(metrics, step=epoch)
-            last.update(model=model, epoch=epoch)
+            best = max(last.get("best", 0.0), metrics["val_accuracy"])
+            last.update(model=model, epoch=epoch, best=best)
             trial.report(metrics["val_accuracy"], epoch)
             INTERRUPTS.check()  # a Ctrl-C held during the I/O above stops here
             if trial.should_prune():
@@ -266,7 +267,7 @@ def make_objective(data, device, epochs: int, seed: int, tracker, cuda_graphs: b
                 result = fit(config, data, device, on_epoch_end, cuda_graphs)
             except optuna.TrialPruned as e:
                 log_weights()  # if this fails, the trial fails below, with the reason
-                run.finish("KILLED", "PRUNED", str(e))
+                run.finish("KILLED", "PRUNED", str(e), {"best_val_accuracy": last["best"]})
                 raise
             log_weights()
         except optuna.TrialPruned:
@@ -282,8 +283,9 @@ def make_objective(data, device, epochs: int, seed: int, tracker, cuda_graphs: b
         trial.set_user_attr("best_epoch", result.best_epoch)
         seconds = time.perf_counter() - start
         trial.set_user_attr("tracking_fraction", run.tracking_seconds / seconds)
-        run.finish("FINISHED", "COMPLETE")
-        return max(m["val_accuracy"] for m in result.history)
+        value = max(m["val_accuracy"] for m in result.history)
+        run.finish("FINISHED", "COMPLETE", metrics={"best_val_accuracy": value})
+        return value
 
     return objective
 

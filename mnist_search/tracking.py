@@ -96,16 +96,24 @@ class TrialRun:
 
         self._timed(write_and_upload)
 
-    def finish(self, status: str, optuna_state: str, reason: str | None = None) -> None:
+    def finish(
+        self,
+        status: str,
+        optuna_state: str,
+        reason: str | None = None,
+        metrics: dict[str, float] | None = None,
+    ) -> None:
         tags = {"optuna_state": optuna_state}
         if reason:
             tags["fail_reason"] = reason[:5000]
         for key, value in tags.items():
             self._timed(self.client.set_tag, self.run_id, key, value)
+        now = _now_ms()
+        batch = [Metric(k, float(v), now, 0) for k, v in (metrics or {}).items()]
         self._timed(
             self.client.log_batch,
             self.run_id,
-            metrics=[Metric("tracking_seconds", self.tracking_seconds, _now_ms(), 0)],
+            metrics=[*batch, Metric("tracking_seconds", self.tracking_seconds, now, 0)],
         )
         self.client.set_terminated(self.run_id, status)
 

@@ -55,6 +55,8 @@ def test_every_trial_is_a_child_run_with_metrics_and_weights(in_tmp, synthetic_m
         assert {k: str(v) for k, v in trial.params.items()} == r.data.params
         history = client.get_metric_history(r.info.run_id, "val_accuracy")
         assert [m.step for m in history] == list(range(1, trial.user_attrs["epochs_trained"] + 1))
+        best = max(m.value for m in history)  # the objective, on the run so its table sorts by it
+        assert r.data.metrics["best_val_accuracy"] == pytest.approx(best)
         for key in ("train_loss", "val_loss", "epoch_seconds"):
             assert len(client.get_metric_history(r.info.run_id, key)) == len(history)
         # the weights rebuild a model that scores exactly what the run logged last
