@@ -257,6 +257,9 @@ def make_objective(data, device, epochs: int, seed: int, tracker, cuda_graphs: b
                 raise optuna.TrialPruned(f"pruned after epoch {epoch}")
 
         def log_weights():
+            # When training ended: the time of the trial's points on the parent run, the same
+            # for every worker that logs them (see `progress_points`).
+            trial.set_user_attr("end_ms", int(time.time() * 1000))
             meta = {"config": config.to_dict(), "mean": data.mean, "std": data.std}
             meta["epochs_trained"] = last["epoch"]
             run.log_weights(last["model"].state_dict(), meta)
@@ -315,6 +318,56 @@ def leaderboard(study, top: int = 10):
     return frame.head(top).reset_index(drop=True)
 
 
+def progress_points(study) -> list[tuple[int, int, dict[str, float]]]:
+    """The parent run's series: one point per finished trial, (trial number, when it ended in
+    ms, {"trial_val_accuracy": its best epoch's, "best_val_accuracy": Optuna's best value over
+    the completed trials numbered up to it}).
+
+    Only trials numbered below every trial still running get a point: a trial that finishes
+    late can raise the best-so-far of the trials numbered after it, so a point is logged only
+    once nothing can change it, and every worker then computes the same point."""
+    from optuna.trial import TrialState
+
+    points, best = [], None
+    for t in sorted(study.get_trials(deepcopy=False), key=lambda t: t.number):
+        if not t.state.is_finished():
+            break
+        if t.state == TrialState.FAIL:
+            continue
+        if t.state == TrialState.COMPLETE:
+            best = t.value if best is None else max(best, t.value)
+            accuracy = t.value
+        else:  # pruned: Optuna's value is the last epoch's; the objective is the best epoch
+            accuracy = max(t.intermediate_values.values(), default=float("nan"))
+        values = {"trial_val_accuracy": accuracy}
+        if best is not None:  # no best before the first completed trial
+            values["best_val_accuracy"] = best
+        ended = t.user_attrs.get("end_ms") or int(t.datetime_complete.timestamp() * 1000)
+        points.append((t.number, ended, values))
+    return points
+
+
+def study_summary(study) -> dict[str, float]:
+    """Trial counts, the epochs the trials trained, and the search time: the seconds during
+    which at least one trial ran (parallel trials count once, the pauses between resumed runs
+    not at all)."""
+    trials = study.get_trials(deepcopy=False)
+    states = [t.state.name for t in trials]
+    spans = sorted((t.datetime_start, t.datetime_complete) for t in trials if t.datetime_complete)
+    seconds, covered = 0.0, None  # covered: the end of the spans counted so far
+    for start, end in spans:
+        if covered is None or end > covered:
+            seconds += (end - max(start, covered or start)).total_seconds()
+            covered = end
+    return {
+        "n_complete": states.count("COMPLETE"),
+        "n_pruned": states.count("PRUNED"),
+        "n_failed": states.count("FAIL"),
+        "epochs_trained": sum(t.user_attrs.get("epochs_trained", 0) for t in trials),
+        "search_seconds": seconds,
+    }
+
+
 def running_count(study) -> int:
     from optuna.trial import TrialState
 
@@ -369,6 +422,7 @@ def run_study(args, study, storage, tracker, data, device) -> int:
                 print(f"--timeout {args.timeout:g}s reached; rerun to finish", file=sys.stderr)
                 break
             study.optimize(objective, n_trials=1, catch=(Exception,))
+            tracker.log_parent_series(progress_points(study))
             last = study.trials[-1]
             failures_in_a_row = failures_in_a_row + 1 if last.state.name == "FAIL" else 0
             if failures_in_a_row >= 10:
@@ -384,7 +438,10 @@ def run_study(args, study, storage, tracker, data, device) -> int:
 
 
 def report(study, tracker, out_dir: Path) -> None:
-    """Print the leaderboard; keep it and the study's figures locally and on the parent run."""
+    """Print the leaderboard; keep it and the study's figures locally and on the parent run,
+    with the study's series and summary as the parent's metrics."""
+    tracker.log_parent_series(progress_points(study))
+    tracker.log_parent_metrics(study_summary(study))
     board = leaderboard(study)
     if board.empty:
         print("no finished trials yet")
