@@ -30,25 +30,26 @@ from mnist_search.tracking import PARENT_TAG, ROLE_TAG, STUDY_TAG, env_defaults,
 from mnist_search.train import fit
 
 PREDICTION_DEVICE = "MLFLOW_DEFAULT_PREDICTION_DEVICE"  # where MLflow's pyfunc loads a model
-# The registered model's description (Markdown, as the registry page shows it).
-MODEL_DESCRIPTION = """\
-The best network an `mnist_search` Optuna study found for MNIST digits, retrained on all 60,000
-training images and tested once on the 10,000 test images.
-
-**@champion**: version {version}, test accuracy {accuracy}. The alias goes to a new version only
-when its test accuracy is at least the champion's; a worse one becomes **@challenger**. Each
-version's description gives its study, trial, architecture, parameters, test accuracy and data.
-
-**Input**: raw pixels, float32, shape (N, 784): N 28x28 grayscale images flattened row by row,
-values 0-255 (the normalization is inside the model). **Output**: float32, shape (N, 10), the
-class probabilities; the digit is their argmax.
-
-**Load**: `mlflow.pyfunc.load_model("models:/{name}@champion").predict(x)`, or
-`mlflow.pytorch.load_model(...)` for a PyTorch module. Saved as `pt2` (torch.export): loading
-runs no pickle and needs no `mnist_search`. On a GPU machine load the pyfunc with
-`model_config={{"device": "cpu"}}`. Serve: `mlflow models serve -m models:/{name}@champion
---env-manager local`.
-"""
+# The registered model's description: Markdown, one line per paragraph (the registry page
+# keeps line breaks).
+MODEL_DESCRIPTION = "\n\n".join(
+    [
+        "The best network an `mnist_search` Optuna study found for MNIST digits, retrained on "
+        "all 60,000 training images and tested once on the 10,000 test images.",
+        "**@champion**: version {version}, test accuracy {accuracy}. The alias goes to a new "
+        "version only when its test accuracy is at least the champion's; a worse one becomes "
+        "**@challenger**. Each version's description gives its study, trial, architecture, "
+        "parameters, test accuracy and data.",
+        "**Input**: raw pixels, float32, shape (N, 784): N 28x28 grayscale images flattened row "
+        "by row, values 0-255 (the normalization is inside the model). **Output**: float32, "
+        "shape (N, 10), the class probabilities; the digit is their argmax.",
+        '**Load**: `mlflow.pyfunc.load_model("models:/{name}@champion").predict(x)`, or '
+        "`mlflow.pytorch.load_model(...)` for a PyTorch module. Saved as `pt2` (torch.export): "
+        "loading runs no pickle and needs no `mnist_search`. On a GPU machine load the pyfunc "
+        'with `model_config={{"device": "cpu"}}`. Serve: '
+        "`mlflow models serve -m models:/{name}@champion --env-manager local`.",
+    ]
+)
 
 
 def test_report(model: PixelClassifier, images: torch.Tensor, labels: torch.Tensor) -> dict:
@@ -121,7 +122,8 @@ def version_description(tags: dict, architecture: str, config: dict) -> str:
     """A registered version's description (Markdown): what it is, how good, from what."""
     rows = "\n".join(f"| `{k}` | {v} |" for k, v in config.items())
     return (
-        f"Test accuracy **{float(tags['test_accuracy']):.2%}** ({tags['test_accuracy']}) on the "
+        # plain text first: the registry's versions table shows the start, unrendered
+        f"Test accuracy {float(tags['test_accuracy']):.2%} ({tags['test_accuracy']}) on the "
         f"10,000 MNIST test images.\n\nTrial {tags['trial']} of the Optuna study "
         f"`{tags['study']}`, retrained on all 60,000 training images (data digest "
         f"`{tags['data_digest']}`).\n\nArchitecture: {architecture}.\n\n"

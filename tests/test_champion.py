@@ -49,7 +49,7 @@ def test_the_champion_is_registered_with_alias_and_tags(crowned):
     model_text = client.get_registered_model("mnist-mlp").description
     assert f"version {version.version}, test accuracy {accuracy}" in model_text
     assert "(N, 784)" in model_text and "models:/mnist-mlp@champion" in model_text
-    assert f"Test accuracy **{accuracy}** ({version.tags['test_accuracy']})" in version.description
+    assert f"Test accuracy {accuracy} ({version.tags['test_accuracy']})" in version.description
     for fact in (f"Trial {study.best_trial.number} ", "`mnist-mlp`", version.tags["data_digest"]):
         assert fact in version.description
     assert "| `lr` |" in version.description and "parameters" in version.description
