@@ -22,7 +22,7 @@ import pytest
 from mlflow import MlflowClient
 
 from mnist_search import data as mdata
-from tests.conftest import free_port, wait_for_http
+from tests.conftest import assert_parent_series, free_port, wait_for_http
 from tests.test_faults import WRAPPER
 
 pytestmark = [pytest.mark.postgres, pytest.mark.slow]
@@ -148,6 +148,7 @@ def test_three_workers_on_postgres_and_a_tracking_server(
         t.user_attrs["mlflow_run_id"] for t in study.trials
     )
     assert all(r.data.tags["mlflow.parentRunId"] == parents[0].info.run_id for r in runs)
+    assert_parent_series(client, study, parents[0].info.run_id)  # logged by three workers
     status = {r.info.run_id: r.info.status for r in runs}
     assert status[victim.user_attrs["mlflow_run_id"]] == "FAILED"
     for t in study.trials:
