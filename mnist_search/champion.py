@@ -31,6 +31,26 @@ from mnist_search.tracking import PARENT_TAG, ROLE_TAG, STUDY_TAG, env_defaults,
 from mnist_search.train import fit
 
 PREDICTION_DEVICE = "MLFLOW_DEFAULT_PREDICTION_DEVICE"  # where MLflow's pyfunc loads a model
+# The registered model's description: Markdown, one line per paragraph (the registry page
+# keeps line breaks).
+MODEL_DESCRIPTION = "\n\n".join(
+    [
+        "The best network an `mnist_search` Optuna study found for MNIST digits, retrained on "
+        "all 60,000 training images and tested once on the 10,000 test images.",
+        "**@champion**: version {version}, test accuracy {accuracy}. The alias goes to a new "
+        "version only when its test accuracy is at least the champion's; a worse one becomes "
+        "**@challenger**. Each version's description gives its study, trial, architecture, "
+        "parameters, test accuracy and data.",
+        "**Input**: raw pixels, float32, shape (N, 784): N 28x28 grayscale images flattened row "
+        "by row, values 0-255 (the normalization is inside the model). **Output**: float32, "
+        "shape (N, 10), the class probabilities; the digit is their argmax.",
+        '**Load**: `mlflow.pyfunc.load_model("models:/{name}@champion").predict(x)`, or '
+        "`mlflow.pytorch.load_model(...)` for a PyTorch module. Saved as `pt2` (torch.export): "
+        "loading runs no pickle and needs no `mnist_search`. On a GPU machine load the pyfunc "
+        'with `model_config={{"device": "cpu"}}`. Serve: '
+        "`mlflow models serve -m models:/{name}@champion --env-manager local`.",
+    ]
+)
 
 
 def test_report(model: PixelClassifier, images: torch.Tensor, labels: torch.Tensor) -> dict:
@@ -99,10 +119,30 @@ def onnx_max_error(model: PixelClassifier, onnx_path: Path, images: torch.Tensor
     return float(np.abs(onnx_probs - torch_probs).max())
 
 
+def version_description(tags: dict, architecture: str, config: dict) -> str:
+    """A registered version's description (Markdown): what it is, how good, from what."""
+    rows = "\n".join(f"| `{k}` | {v} |" for k, v in config.items())
+    return (
+        # plain text first: the registry's versions table shows the start, unrendered
+        f"Test accuracy {float(tags['test_accuracy']):.2%} ({tags['test_accuracy']}) on the "
+        f"10,000 MNIST test images.\n\nTrial {tags['trial']} of the Optuna study "
+        f"`{tags['study']}`, retrained on all 60,000 training images (data digest "
+        f"`{tags['data_digest']}`).\n\nArchitecture: {architecture}.\n\n"
+        f"| parameter | value |\n|---|---|\n{rows}\n"
+    )
+
+
 def register(
-    client: MlflowClient, name: str, run_id: str, model: PixelClassifier, example, tags: dict
+    client: MlflowClient,
+    name: str,
+    run_id: str,
+    model: PixelClassifier,
+    example,
+    tags: dict,
+    description: str = "",
 ):
-    """Log with the PyTorch flavor and register; the alias goes to the better model."""
+    """Log with the PyTorch flavor and register; the alias goes to the better model. The
+    registered model's description names the champion; the version gets `description`."""
     from mlflow.models import infer_signature
 
     x = example.reshape(len(example), -1).float().numpy()  # (N, 784) raw pixels 0-255
@@ -134,6 +174,15 @@ def register(
     else:
         alias = "challenger"
     client.set_registered_model_alias(name, alias, str(version))
+    if description:
+        client.update_model_version(name, str(version), description)
+    champion_version, champion_accuracy = (
+        (version, new_accuracy) if alias == "champion" else (current.version, current_accuracy)
+    )
+    text = MODEL_DESCRIPTION.format(
+        name=name, version=champion_version, accuracy=f"{champion_accuracy:.2%}"
+    )
+    client.update_registered_model(name, text)
     return str(version), alias
 
 
@@ -194,6 +243,7 @@ def crown(
         }
         for k, v in metrics.items():
             client.log_metric(run_id, k, v)
+        tracker.log_parent_metrics({"test_accuracy": report["accuracy"]})  # the study's row
         for digit, acc in enumerate(report["per_class"]):
             client.log_metric(run_id, f"test_accuracy_class_{digit}", acc)
         interrupts.check()
@@ -233,7 +283,11 @@ def crown(
             "test_accuracy": f"{report['accuracy']:.6f}",
             "data_digest": data_digest(data_dir),
         }
-        version, alias = register(client, register_as, run_id, model, images[:8], tags)
+        widths = [meta["layers"][0][1]] + [shape[0] for shape in meta["layers"]]
+        n_params = sum(p.numel() for p in model.parameters())
+        architecture = f"MLP {'-'.join(map(str, widths))}, {n_params:,} parameters"
+        description = version_description(tags, architecture, config.to_dict())
+        version, alias = register(client, register_as, run_id, model, images[:8], tags, description)
     except KeyboardInterrupt:
         client.set_terminated(run_id, "KILLED")
         raise

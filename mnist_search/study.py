@@ -21,6 +21,7 @@ from mnist_search.cli import add_device_flags
 
 DEFAULT_STORAGE = "optuna-journal.log"
 PARENT_ATTR = "mlflow_parent_run_id"  # study user attribute: the MLflow parent run
+METRIC_NAME = "val_accuracy"  # the objective's name in Optuna's dashboard, CLI and plots
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -124,8 +125,10 @@ def open_study(name: str, storage, pruner, seed: int, tracker, params: dict):
         )
     except optuna.exceptions.DuplicatedStudyError:
         study = optuna.load_study(study_name=name, storage=storage, pruner=pruner)
+        name_objective(study)  # a study made before its objective had a name
     else:
         study.set_user_attr("seed", seed)  # the champion retrains with the study's own seed
+        name_objective(study)
         study.set_user_attr(PARENT_ATTR, tracker.create_parent(params))
         return study
     deadline = time.monotonic() + 60
@@ -137,6 +140,18 @@ def open_study(name: str, storage, pruner, seed: int, tracker, params: dict):
         study.set_user_attr(PARENT_ATTR, run_id)
     tracker.reopen_parent(run_id)
     return study
+
+
+def name_objective(study) -> None:
+    """Label the objective `val_accuracy` rather than Optuna's "Objective 0"."""
+    import warnings
+
+    import optuna
+
+    if study.metric_names != [METRIC_NAME]:
+        with warnings.catch_warnings():  # experimental since Optuna 3.2, still in 5.0
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            study.set_metric_names([METRIC_NAME])
 
 
 def load_existing_study(name: str, storage_url: str):
@@ -248,13 +263,17 @@ def make_objective(
 
         def on_epoch_end(epoch, metrics, model):
             run.log_epoch(metrics, step=epoch)
-            last.update(model=model, epoch=epoch)
+            best = max(last.get("best", 0.0), metrics["val_accuracy"])
+            last.update(model=model, epoch=epoch, best=best)
             trial.report(metrics["val_accuracy"], epoch)
             interrupts.check()  # a Ctrl-C or SIGTERM received since the last check stops here
             if trial.should_prune():
                 raise optuna.TrialPruned(f"pruned after epoch {epoch}")
 
         def log_weights():
+            # When training ended: the time of the trial's points on the parent run, the same
+            # for every worker that logs them (see `progress_points`).
+            trial.set_user_attr("end_ms", int(time.time() * 1000))
             meta = {"config": config.to_dict(), "mean": data.mean, "std": data.std}
             meta["epochs_trained"] = last["epoch"]
             run.log_weights(last["model"].state_dict(), meta)
@@ -266,7 +285,7 @@ def make_objective(
                 result = fit(config, data, device, on_epoch_end, cuda_graphs)
             except optuna.TrialPruned as e:
                 log_weights()  # if this fails, the trial fails below, with the reason
-                run.finish("KILLED", "PRUNED", str(e))
+                run.finish("KILLED", "PRUNED", str(e), {"best_val_accuracy": last["best"]})
                 raise
             log_weights()
         except optuna.TrialPruned:
@@ -282,8 +301,9 @@ def make_objective(
         trial.set_user_attr("best_epoch", result.best_epoch)
         seconds = time.perf_counter() - start
         trial.set_user_attr("tracking_fraction", run.tracking_seconds / seconds)
-        run.finish("FINISHED", "COMPLETE")
-        return max(m["val_accuracy"] for m in result.history)
+        value = max(m["val_accuracy"] for m in result.history)
+        run.finish("FINISHED", "COMPLETE", metrics={"best_val_accuracy": value})
+        return value
 
     return objective
 
@@ -311,6 +331,56 @@ def leaderboard(study, top: int = 10):
         return pd.DataFrame()
     frame = pd.DataFrame(rows).sort_values("val_accuracy", ascending=False)
     return frame.head(top).reset_index(drop=True)
+
+
+def progress_points(study) -> list[tuple[int, int, dict[str, float]]]:
+    """The parent run's series: one point per finished trial, (trial number, when it ended in
+    ms, {"trial_val_accuracy": its best epoch's, "best_val_accuracy": Optuna's best value over
+    the completed trials numbered up to it}).
+
+    Only trials numbered below every trial still running get a point: a trial that finishes
+    late can raise the best-so-far of the trials numbered after it, so a point is logged only
+    once nothing can change it, and every worker then computes the same point."""
+    from optuna.trial import TrialState
+
+    points, best = [], None
+    for t in sorted(study.get_trials(deepcopy=False), key=lambda t: t.number):
+        if not t.state.is_finished():
+            break
+        if t.state == TrialState.FAIL:
+            continue
+        if t.state == TrialState.COMPLETE:
+            best = t.value if best is None else max(best, t.value)
+            accuracy = t.value
+        else:  # pruned: Optuna's value is the last epoch's; the objective is the best epoch
+            accuracy = max(t.intermediate_values.values(), default=float("nan"))
+        values = {"trial_val_accuracy": accuracy}
+        if best is not None:  # no best before the first completed trial
+            values["best_val_accuracy"] = best
+        ended = t.user_attrs.get("end_ms") or int(t.datetime_complete.timestamp() * 1000)
+        points.append((t.number, ended, values))
+    return points
+
+
+def study_summary(study) -> dict[str, float]:
+    """Trial counts, the epochs the trials trained, and the search time: the seconds during
+    which at least one trial ran (parallel trials count once, the pauses between resumed runs
+    not at all)."""
+    trials = study.get_trials(deepcopy=False)
+    states = [t.state.name for t in trials]
+    spans = sorted((t.datetime_start, t.datetime_complete) for t in trials if t.datetime_complete)
+    seconds, covered = 0.0, None  # covered: the end of the spans counted so far
+    for start, end in spans:
+        if covered is None or end > covered:
+            seconds += (end - max(start, covered or start)).total_seconds()
+            covered = end
+    return {
+        "n_complete": states.count("COMPLETE"),
+        "n_pruned": states.count("PRUNED"),
+        "n_failed": states.count("FAIL"),
+        "epochs_trained": sum(t.user_attrs.get("epochs_trained", 0) for t in trials),
+        "search_seconds": seconds,
+    }
 
 
 def running_count(study) -> int:
@@ -397,6 +467,7 @@ def run_study(args, study, storage, tracker, data, device) -> int:
                 catch=(Exception,),
                 callbacks=[lambda study, trial: ours.append(trial)],
             )
+            tracker.log_parent_series(progress_points(study))
             last = ours[-1]
             bar.update(finished_count(study) - bar.n)
             if last.user_attrs.get(OVER_BUDGET):
@@ -416,7 +487,10 @@ def run_study(args, study, storage, tracker, data, device) -> int:
 
 
 def report(study, tracker, out_dir: Path) -> None:
-    """Print the leaderboard; keep it and the study's figures locally and on the parent run."""
+    """Print the leaderboard; keep it and the study's figures locally and on the parent run,
+    with the study's series and summary as the parent's metrics."""
+    tracker.log_parent_series(progress_points(study))
+    tracker.log_parent_metrics(study_summary(study))
     board = leaderboard(study)
     if board.empty:
         print("no finished trials yet")

@@ -96,16 +96,24 @@ class TrialRun:
 
         self._timed(write_and_upload)
 
-    def finish(self, status: str, optuna_state: str, reason: str | None = None) -> None:
+    def finish(
+        self,
+        status: str,
+        optuna_state: str,
+        reason: str | None = None,
+        metrics: dict[str, float] | None = None,
+    ) -> None:
         tags = {"optuna_state": optuna_state}
         if reason:
             tags["fail_reason"] = reason[:5000]
         for key, value in tags.items():
             self._timed(self.client.set_tag, self.run_id, key, value)
+        now = _now_ms()
+        batch = [Metric(k, float(v), now, 0) for k, v in (metrics or {}).items()]
         self._timed(
             self.client.log_batch,
             self.run_id,
-            metrics=[Metric("tracking_seconds", self.tracking_seconds, _now_ms(), 0)],
+            metrics=[*batch, Metric("tracking_seconds", self.tracking_seconds, now, 0)],
         )
         self.client.set_terminated(self.run_id, status)
 
@@ -126,6 +134,7 @@ class StudyTracker:
                 f"{str(e)[:300]}. Start the server or fix --tracking-uri / MLFLOW_TRACKING_URI."
             ) from e
         self.parent_id: str | None = None
+        self.logged_steps: set[int] = set()  # the parent's series points this process logged
 
     def _experiment_id(self, name: str) -> str:
         experiment = self.client.get_experiment_by_name(name)
@@ -214,6 +223,24 @@ class StudyTracker:
                 continue  # another worker is closing the same run
             closed.append(run.info.run_id)
         return closed
+
+    def log_parent_series(self, points: list[tuple[int, int, dict[str, float]]]) -> None:
+        """Log (step, timestamp in ms, {metric: value}) points on the parent run, each step once
+        per process. Workers on many machines log the same points: a point is final when it is
+        computed, and every worker computes it identically, timestamp included, so the store
+        keeps one copy of it (MLflow's SQL store skips a metric whose key, value, timestamp and
+        step it already has) and the series has one point per step whoever logged it."""
+        new = [point for point in points if point[0] not in self.logged_steps]
+        batch = [Metric(k, float(v), ms, step) for step, ms, vals in new for k, v in vals.items()]
+        for i in range(0, len(batch), 1000):  # MLflow's limit per log_batch
+            self.client.log_batch(self.parent_id, metrics=batch[i : i + 1000])
+        self.logged_steps.update(step for step, _, _ in new)
+
+    def log_parent_metrics(self, metrics: dict[str, float]) -> None:
+        """Single-valued metrics on the parent run (the latest value is the one shown)."""
+        now = _now_ms()
+        batch = [Metric(k, float(v), now, 0) for k, v in metrics.items()]
+        self.client.log_batch(self.parent_id, metrics=batch)
 
     def log_parent_file(self, local_path: Path, artifact_path: str | None = None) -> None:
         self.client.log_artifact(self.parent_id, str(local_path), artifact_path)

@@ -137,3 +137,29 @@ def postgres(tmp_path):
             as_postgres([f"{PG_BIN}/pg_ctl", "-D", str(data), "-m", "immediate", "stop"])
         )
         shutil.rmtree(root, ignore_errors=True)
+
+
+def assert_parent_series(client, study, parent_id: str) -> None:
+    """The parent run's series, as `get_metric_history` (and the UI's charts) show it: exactly
+    one point per finished trial (step = its number); `best_val_accuracy` is what Optuna itself
+    calls the best value of the trials numbered up to it, and never decreases."""
+    import optuna
+
+    finished = [t for t in study.trials if t.state.name in ("COMPLETE", "PRUNED")]
+    expected_best = []
+    for t in finished:
+        so_far = optuna.create_study(direction="maximize")  # Optuna's own best_value, in memory
+        so_far.add_trials([u for u in study.trials if u.number <= t.number])
+        if any(u.state.name == "COMPLETE" for u in so_far.trials):  # else it has no best
+            expected_best.append((t.number, so_far.best_value))
+    best = client.get_metric_history(parent_id, "best_val_accuracy")
+    assert sorted((m.step, m.value) for m in best) == expected_best
+    assert [m.value for m in sorted(best, key=lambda m: m.step)] == sorted(
+        v for _, v in expected_best
+    )
+    expected_trial = [
+        (t.number, t.value if t.state.name == "COMPLETE" else max(t.intermediate_values.values()))
+        for t in finished
+    ]
+    trial = client.get_metric_history(parent_id, "trial_val_accuracy")
+    assert sorted((m.step, m.value) for m in trial) == expected_trial

@@ -17,7 +17,7 @@ from PIL import Image
 from mnist_search import champion, predict
 from mnist_search import study as mstudy
 from mnist_search.data import load_images
-from tests.conftest import free_port, use_synthetic_mnist, wait_for_http
+from tests.conftest import assert_parent_series, free_port, use_synthetic_mnist, wait_for_http
 
 
 @pytest.fixture(scope="module")
@@ -44,9 +44,20 @@ def test_the_champion_is_registered_with_alias_and_tags(crowned):
     assert version.tags["trial"] == str(study.best_trial.number)
     assert float(version.tags["test_accuracy"]) == pytest.approx(metrics["test_accuracy"])
     assert len(version.tags["data_digest"]) == 16
+    # the registry page says what the model is and how good; the version, where it came from
+    accuracy = f"{metrics['test_accuracy']:.2%}"
+    model_text = client.get_registered_model("mnist-mlp").description
+    assert f"version {version.version}, test accuracy {accuracy}" in model_text
+    assert "(N, 784)" in model_text and "models:/mnist-mlp@champion" in model_text
+    assert f"Test accuracy {accuracy} ({version.tags['test_accuracy']})" in version.description
+    for fact in (f"Trial {study.best_trial.number} ", "`mnist-mlp`", version.tags["data_digest"]):
+        assert fact in version.description
+    assert "| `lr` |" in version.description and "parameters" in version.description
     run = client.get_run(version.run_id)
     assert run.data.tags["mnist_search.role"] == "champion"
-    assert run.data.tags["mlflow.parentRunId"]  # nested under the study's parent run
+    parent = client.get_run(run.data.tags["mlflow.parentRunId"])  # nested under the study's run
+    assert parent.data.metrics["test_accuracy"] == pytest.approx(metrics["test_accuracy"])
+    assert_parent_series(client, study, parent.info.run_id)
     retrain = client.get_metric_history(run.info.run_id, "train_loss")  # one per epoch
     assert [m.step for m in retrain] == list(range(1, int(metrics["epochs"]) + 1))
     assert {a.path for a in client.list_artifacts(run.info.run_id, "figures")} == {
@@ -107,11 +118,13 @@ def test_a_worse_model_becomes_challenger(crowned, monkeypatch):
     version, alias = champion.register(client, "mnist-mlp", run_id, model, images[:4], worse)
     assert alias == "challenger"
     assert str(client.get_model_version_by_alias("mnist-mlp", "champion").version) == str(before)
+    assert f"version {before}," in client.get_registered_model("mnist-mlp").description
     assert str(client.get_model_version_by_alias("mnist-mlp", "challenger").version) == version
     equal = {"test_accuracy": metrics["test_accuracy"]}
     version, alias = champion.register(client, "mnist-mlp", run_id, model, images[:4], equal)
     assert alias == "champion"
     assert str(client.get_model_version_by_alias("mnist-mlp", "champion").version) == version
+    assert f"version {version}," in client.get_registered_model("mnist-mlp").description
 
 
 def digit_canvas() -> np.ndarray:

@@ -25,6 +25,7 @@ from mnist_search import champion, train
 from mnist_search import data as mdata
 from mnist_search import study as mstudy
 from mnist_search.tracking import load_weights
+from tests.conftest import assert_parent_series
 
 WRAPPER = """
 import signal
@@ -268,6 +269,8 @@ def test_workers_share_one_study_without_losing_or_doubling_trials(tmp_path, syn
     assert all(t.user_attrs.get("over_budget") for t in study.trials if t.state.name == "FAIL")
     assert len({t.user_attrs["pid"] for t in study.trials}) == 3  # all three did trials
     assert_one_to_one(tmp_path, study)
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")  # each worker logged its share
+    assert_parent_series(client, study, study.user_attrs["mlflow_parent_run_id"])
 
 
 def test_full_disk_while_logging_weights_fails_that_trial_only(

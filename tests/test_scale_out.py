@@ -16,7 +16,7 @@ import optuna
 import pytest
 from mlflow import MlflowClient
 
-from tests.conftest import free_port, wait_for_http
+from tests.conftest import assert_parent_series, free_port, wait_for_http
 from tests.test_faults import every_worker_gets_a_trial, wrapper
 
 pytestmark = [pytest.mark.postgres, pytest.mark.slow]
@@ -146,6 +146,7 @@ def test_three_workers_on_postgres_and_a_tracking_server(
         t.user_attrs["mlflow_run_id"] for t in study.trials
     )
     assert all(r.data.tags["mlflow.parentRunId"] == parents[0].info.run_id for r in runs)
+    assert_parent_series(client, study, parents[0].info.run_id)  # logged by three workers
     status = {r.info.run_id: r.info.status for r in runs}
     assert status[victim.user_attrs["mlflow_run_id"]] == "FAILED"
     for t in study.trials:

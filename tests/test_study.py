@@ -11,6 +11,7 @@ from mnist_search import study as mstudy
 from mnist_search.data import load_data
 from mnist_search.tracking import StudyTracker, load_weights
 from mnist_search.train import TrainConfig, build_model, evaluate
+from tests.conftest import assert_parent_series
 
 
 def run(in_tmp, data_dir, *flags):
@@ -58,6 +59,8 @@ def test_every_trial_is_a_child_run_with_metrics_and_weights(in_tmp, synthetic_m
         assert {k: str(v) for k, v in trial.params.items()} == r.data.params
         history = client.get_metric_history(r.info.run_id, "val_accuracy")
         assert [m.step for m in history] == list(range(1, trial.user_attrs["epochs_trained"] + 1))
+        best = max(m.value for m in history)  # the objective, on the run so its table sorts by it
+        assert r.data.metrics["best_val_accuracy"] == pytest.approx(best)
         for key in ("train_loss", "val_loss", "epoch_seconds"):
             assert len(client.get_metric_history(r.info.run_id, key)) == len(history)
         # the weights rebuild a model that scores exactly what the run logged last
@@ -66,6 +69,50 @@ def test_every_trial_is_a_child_run_with_metrics_and_weights(in_tmp, synthetic_m
         model.load_state_dict(state_dict)
         assert evaluate(model, data.val)["accuracy"] == pytest.approx(history[-1].value)
     assert (in_tmp / "reports/mnist-mlp/leaderboard.csv").exists()
+    assert study.metric_names == ["val_accuracy"]  # what Optuna's dashboard and plots show
+
+    # the parent run tells the study's story: its series, its counts, its time
+    assert_parent_series(client, study, parents[0].info.run_id)
+    summary, states = parents[0].data.metrics, [t.state.name for t in study.trials]
+    assert summary["n_complete"] == states.count("COMPLETE")
+    assert summary["n_pruned"] == states.count("PRUNED")
+    assert summary["n_failed"] == states.count("FAIL") == 0
+    assert summary["epochs_trained"] == sum(t.user_attrs["epochs_trained"] for t in study.trials)
+    one_at_a_time = sum(
+        (t.datetime_complete - t.datetime_start).total_seconds() for t in study.trials
+    )
+    assert summary["search_seconds"] == pytest.approx(one_at_a_time)
+
+
+def test_the_parent_series_is_final_whichever_worker_logs_it_and_in_whatever_order(in_tmp):
+    """Trial 0 ends after trial 1; two workers both log what they see, twice over."""
+    study = optuna.create_study(direction="maximize")
+    workers = [StudyTracker("series"), StudyTracker("series")]
+    parent = workers[0].create_parent({})
+    workers[1].reopen_parent(parent)
+
+    def log_all():
+        for worker in workers:
+            worker.log_parent_series(mstudy.progress_points(study))
+
+    trials = [study.ask() for _ in range(5)]
+    study.tell(trials[1], 0.90)
+    log_all()  # trial 0 still runs: it may yet beat 0.90, so nothing is final
+    assert MlflowClient().get_metric_history(parent, "best_val_accuracy") == []
+    study.tell(trials[0], 0.95)
+    trials[2].report(0.97, step=1)
+    study.tell(trials[2], state=optuna.trial.TrialState.PRUNED)  # its 0.97 is no Optuna value
+    log_all()
+    study.tell(trials[3], state=optuna.trial.TrialState.FAIL)  # no point
+    study.tell(trials[4], 0.96)
+    log_all()
+    workers[1].logged_steps.clear()  # a worker restarted: it logs every point again
+    log_all()
+    history = MlflowClient().get_metric_history(parent, "best_val_accuracy")
+    assert [(m.step, m.value) for m in sorted(history, key=lambda m: m.step)] == [
+        (0, 0.95), (1, 0.95), (2, 0.95), (4, 0.96)
+    ]  # fmt: skip
+    assert_parent_series(MlflowClient(), study, parent)
 
 
 def test_rerun_with_more_trials_continues_the_same_study(in_tmp, synthetic_mnist):
