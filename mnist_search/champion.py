@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
+import functools
 import json
 import sys
 import tempfile
@@ -23,20 +25,21 @@ import torch
 from mlflow import MlflowClient
 
 from mnist_search import interrupts
-from mnist_search.cli import add_device_flags
+from mnist_search.cli import add_champion_flags, add_device_flags, check_champion_flags
 from mnist_search.data import data_digest, load_data, load_images
-from mnist_search.model import PixelClassifier
-from mnist_search.space import config_from_params
+from mnist_search.model import PixelClassifier, training_flops_per_sample
+from mnist_search.space import config_from_params, study_space
 from mnist_search.tracking import PARENT_TAG, ROLE_TAG, STUDY_TAG, env_defaults, log_epoch
-from mnist_search.train import fit
+from mnist_search.train import TrainConfig, fit
 
 PREDICTION_DEVICE = "MLFLOW_DEFAULT_PREDICTION_DEVICE"  # where MLflow's pyfunc loads a model
 # The registered model's description: Markdown, one line per paragraph (the registry page
 # keeps line breaks).
 MODEL_DESCRIPTION = "\n\n".join(
     [
-        "The best network an `mnist_search` Optuna study found for MNIST digits, retrained on "
-        "all 60,000 training images and tested once on the 10,000 test images.",
+        "The best network (or ensemble of networks) an `mnist_search` Optuna study found for "
+        "MNIST digits, retrained on all 60,000 training images and tested once on the 10,000 "
+        "test images.",
         "**@champion**: version {version}, test accuracy {accuracy}. The alias goes to a new "
         "version only when its test accuracy is at least the champion's; a worse one becomes "
         "**@challenger**. Each version's description gives its study, trial, architecture, "
@@ -119,16 +122,27 @@ def onnx_max_error(model: PixelClassifier, onnx_path: Path, images: torch.Tensor
     return float(np.abs(onnx_probs - torch_probs).max())
 
 
-def version_description(tags: dict, architecture: str, config: dict) -> str:
-    """A registered version's description (Markdown): what it is, how good, from what."""
-    rows = "\n".join(f"| `{k}` | {v} |" for k, v in config.items())
+def version_description(tags: dict, configs: list[TrainConfig], parameters: int) -> str:
+    """A registered version's description (Markdown): what it is, how good, from what. An
+    ensemble's parameter table has one column per member."""
+    dicts = [c.to_dict() for c in configs]
+    rows = "\n".join(f"| `{k}` | " + " | ".join(str(d[k]) for d in dicts) + " |" for k in dicts[0])
+    what = (
+        f"Trial {tags['trial']}"
+        if len(configs) == 1
+        else (
+            f"An ensemble (mean of the probabilities) of trials {tags['trial'].replace('-', ', ')}"
+        )
+    )
+    architecture = " + ".join(c.describe() for c in configs)
     return (
         # plain text first: the registry's versions table shows the start, unrendered
         f"Test accuracy {float(tags['test_accuracy']):.2%} ({tags['test_accuracy']}) on the "
-        f"10,000 MNIST test images.\n\nTrial {tags['trial']} of the Optuna study "
+        f"10,000 MNIST test images.\n\n{what} of the Optuna study "
         f"`{tags['study']}`, retrained on all 60,000 training images (data digest "
-        f"`{tags['data_digest']}`).\n\nArchitecture: {architecture}.\n\n"
-        f"| parameter | value |\n|---|---|\n{rows}\n"
+        f"`{tags['data_digest']}`).\n\nArchitecture: {architecture}; {parameters:,} parameters."
+        f"\n\n| parameter | {' | '.join(f'trial {n}' for n in tags['trial'].split('-'))} |\n"
+        f"|---|{'---|' * len(configs)}\n{rows}\n"
     )
 
 
@@ -186,6 +200,47 @@ def register(
     return str(version), alias
 
 
+def members_of(study, k: int) -> list:
+    """The `k` best completed trials with distinct params, best first (fewer if the study has
+    fewer): the members of an ensemble of `k`, chosen on validation accuracy alone."""
+    from optuna.trial import TrialState
+
+    best, seen = [], set()
+    complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    for trial in sorted(complete, key=lambda t: t.value, reverse=True):
+        key = tuple(sorted(trial.params.items()))
+        if key not in seen:
+            seen.add(key)
+            best.append(trial)
+    if not best:
+        raise ValueError(f"study {study.study_name!r} has no completed trial to retrain")
+    return best[:k]
+
+
+def retrain_configs(study, members: list) -> list[TrainConfig]:
+    """Each member's config rebuilt through the search space, for the epoch count where its
+    validation accuracy peaked, with the study's own seed."""
+    seed = study.user_attrs.get("seed", 0)
+    return [
+        config_from_params(
+            t.params,
+            t.user_attrs.get("best_epoch", t.user_attrs.get("epochs_trained")),
+            seed,
+            study_space(study),
+        )
+        for t in members
+    ]
+
+
+def retrain(configs, data, device, cuda_graphs: bool, on_epoch_end=None) -> PixelClassifier:
+    """The shipped model: each config trained on `data.train`, averaged in one PixelClassifier."""
+    nets = []
+    for i, config in enumerate(configs):
+        hook = None if on_epoch_end is None else functools.partial(on_epoch_end, i)
+        nets.append(fit(config, data, device, hook, cuda_graphs).model.cpu())
+    return PixelClassifier(nets, data.mean, data.std).eval()
+
+
 def crown(
     study,
     tracker,
@@ -194,53 +249,77 @@ def crown(
     register_as: str = "mnist-mlp",
     export_root: Path = Path("exports"),
     cuda_graphs: bool = True,
+    ensemble: int = 1,
+    seeds: int = 1,
 ) -> dict:
-    """Retrain the study's best trial on all training images, test once, export, register.
+    """Retrain the study's `ensemble` best trials on all training images, test once, export,
+    register. With `seeds` > 1, the same recipe is also retrained with seeds + 1, + 2, ... and
+    tested, to report the spread of test accuracy over seeds; only the first model ships.
 
     A Ctrl-C or SIGTERM caught by `interrupts.deferred()` stops it between two steps (or
     retrain epochs) as KeyboardInterrupt, with its run KILLED; any other error leaves it FAILED.
     """
-    best = study.best_trial
-    epochs = best.user_attrs.get("best_epoch", best.user_attrs.get("epochs_trained"))
-    seed = study.user_attrs.get("seed", 0)
-    config = config_from_params(best.params, epochs, seed)
+    members = members_of(study, ensemble)
+    configs = retrain_configs(study, members)
+    numbers = [t.number for t in members]
+    name = "-".join(map(str, numbers))
     client = tracker.client
     run = client.create_run(
         tracker.experiment_id,
-        run_name=f"champion-trial-{best.number}",
+        run_name=f"champion-trial{'s' if len(members) > 1 else ''}-{name}",
         tags={PARENT_TAG: tracker.parent_id, ROLE_TAG: "champion", STUDY_TAG: study.study_name},
     )
     run_id = run.info.run_id
     try:
+        params = {"trials": name, "ensemble": len(members), "seeds": seeds}
+        for i, config in enumerate(configs):  # one member: its params as they are
+            prefix = f"member_{i}." if len(configs) > 1 else ""
+            params |= {f"{prefix}{k}": v for k, v in config.to_dict().items()}
         client.log_batch(
-            run_id,
-            params=[
-                mlflow.entities.Param(k, str(v))
-                for k, v in {**config.to_dict(), "trial": best.number}.items()
-            ],
+            run_id, params=[mlflow.entities.Param(k, str(v)) for k, v in params.items()]
         )
         interrupts.check()
         start = time.perf_counter()
         data = load_data(data_dir, device, val_size=0)
 
-        def on_epoch_end(epoch, metrics, model):
+        def on_epoch_end(member, epoch, metrics, _model):
+            if len(configs) > 1:
+                metrics = {f"member_{member}.{k}": v for k, v in metrics.items() if k != "epoch"}
             log_epoch(client, run_id, metrics, epoch)
             interrupts.check()
 
-        result = fit(config, data, device, on_epoch_end, cuda_graphs)
+        model = retrain(configs, data, device, cuda_graphs, on_epoch_end)
         retrain_seconds = time.perf_counter() - start
         interrupts.check()
 
-        model = PixelClassifier(result.model.cpu(), data.mean, data.std).eval()
         images, labels = load_images(data_dir, train=False)  # the one read of the test set
         images = images.reshape(len(images), -1)  # (N, 784) raw uint8 pixels
         report = test_report(model, images, labels)
         metrics = {
             "test_accuracy": report["accuracy"],
-            "val_accuracy_in_search": best.value,
+            "test_errors": len(report["misclassified"]),
+            "val_accuracy_in_search": members[0].value,
             "retrain_seconds": retrain_seconds,
-            "epochs": epochs,
+            "epochs": sum(c.epochs for c in configs),
+            "parameters": sum(p.numel() for p in model.parameters()),
+            "flops_per_sample": sum(training_flops_per_sample(net) for net in model.nets),
         }
+        if seeds > 1:  # the spread: the same recipe, other seeds; none of these ships
+            spread = [report["accuracy"]]
+            for offset in range(1, seeds):
+                other = [dataclasses.replace(c, seed=c.seed + offset) for c in configs]
+                spread.append(
+                    test_report(retrain(other, data, device, cuda_graphs), images, labels)[
+                        "accuracy"
+                    ]
+                )
+            metrics |= {
+                "test_accuracy_seed_mean": sum(spread) / len(spread),
+                "test_accuracy_seed_min": min(spread),
+                "test_accuracy_seed_max": max(spread),
+            }
+            for offset, accuracy in enumerate(spread):
+                client.log_metric(run_id, "test_accuracy_by_seed", accuracy, step=offset)
         for k, v in metrics.items():
             client.log_metric(run_id, k, v)
         tracker.log_parent_metrics({"test_accuracy": report["accuracy"]})  # the study's row
@@ -259,15 +338,17 @@ def crown(
         interrupts.check()
 
         meta = {
-            "config": config.to_dict(),
+            "members": [
+                {"trial": t.number, "config": c.to_dict()}
+                for t, c in zip(members, configs, strict=True)
+            ],
             "mean": data.mean,
             "std": data.std,
             "input": "raw pixels 0-255: model.onnx takes (N, 784) float32; weights.pt fits "
             "mnist_search.model.PixelClassifier, which also takes (N, 28, 28) and uint8",
-            "output": "class probabilities (N, 10); the digit is their argmax",
-            "layers": [list(p.shape) for n, p in model.mlp.named_parameters() if "weight" in n],
+            "output": "class probabilities (N, 10), the mean of the members'; the digit is "
+            "their argmax",
             "study": study.study_name,
-            "trial": best.number,
         }
         out = export_folder(model, meta, images, export_root / study.study_name)
         if (out / "model.onnx").exists():
@@ -279,14 +360,12 @@ def crown(
 
         tags = {
             "study": study.study_name,
-            "trial": best.number,
+            "trial": name,
+            "family": "+".join(sorted({c.family for c in configs})),
             "test_accuracy": f"{report['accuracy']:.6f}",
             "data_digest": data_digest(data_dir),
         }
-        widths = [meta["layers"][0][1]] + [shape[0] for shape in meta["layers"]]
-        n_params = sum(p.numel() for p in model.parameters())
-        architecture = f"MLP {'-'.join(map(str, widths))}, {n_params:,} parameters"
-        description = version_description(tags, architecture, config.to_dict())
+        description = version_description(tags, configs, metrics["parameters"])
         version, alias = register(client, register_as, run_id, model, images[:8], tags, description)
     except KeyboardInterrupt:
         client.set_terminated(run_id, "KILLED")
@@ -295,12 +374,20 @@ def crown(
         client.set_terminated(run_id, "FAILED")
         raise
     client.set_terminated(run_id, "FINISHED")
+    what = f"trial {name}" if len(members) == 1 else f"ensemble of trials {name}"
     print(
-        f"champion: trial {best.number}, {epochs} epochs retrained on 60,000 images in "
-        f"{retrain_seconds:.0f}s; test accuracy {report['accuracy']:.4f}\n"
+        f"champion: {what}, {metrics['epochs']} epochs retrained on 60,000 images in "
+        f"{retrain_seconds:.0f}s; test accuracy {report['accuracy']:.4f} "
+        f"({metrics['test_errors']} wrong of {len(labels):,})\n"
         f"registered as models:/{register_as}/{version} with alias @{alias}\n"
         f"exported to {out}/"
     )
+    if seeds > 1:
+        print(
+            f"over {seeds} seeds: test accuracy mean {metrics['test_accuracy_seed_mean']:.4f}, "
+            f"min {metrics['test_accuracy_seed_min']:.4f}, "
+            f"max {metrics['test_accuracy_seed_max']:.4f}"
+        )
     return {**metrics, "version": version, "alias": alias, "export_dir": out, "run_id": run_id}
 
 
@@ -309,17 +396,18 @@ def main(argv: list[str] | None = None) -> int:
 
     p = argparse.ArgumentParser(
         prog="python -m mnist_search.champion",
-        description="Retrain a study's best trial on all training data, test once, export "
-        "and register it.",
+        description="Retrain a study's best trial (or best trials, as an ensemble) on all "
+        "training data, test once, export and register it.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    p.add_argument("--study-name", default="mnist-mlp")
+    p.add_argument("--study-name", default="mnist")
     p.add_argument("--storage", default=DEFAULT_STORAGE)
     p.add_argument("--tracking-uri", default=None)
     p.add_argument("--data-dir", type=Path, default=None)
     add_device_flags(p)
-    p.add_argument("--register-as", default="mnist-mlp")
+    add_champion_flags(p)
     args = p.parse_args(argv)
+    check_champion_flags(p, args)
 
     from mnist_search.data import default_data_dir
     from mnist_search.tracking import StudyTracker, TrackingError
@@ -336,7 +424,10 @@ def main(argv: list[str] | None = None) -> int:
     data_dir = args.data_dir or default_data_dir()
     with interrupts.deferred():  # Ctrl-C and `kill` stop between steps, never mid-write
         try:
-            crown(study, tracker, data_dir, device, args.register_as, cuda_graphs=args.cuda_graphs)
+            crown(
+                study, tracker, data_dir, device, args.register_as,
+                cuda_graphs=args.cuda_graphs, ensemble=args.ensemble, seeds=args.seeds,
+            )  # fmt: skip
         except KeyboardInterrupt:
             print("interrupted: the champion's run ended KILLED; rerun to crown", file=sys.stderr)
             return interrupts.exit_code()

@@ -1,23 +1,46 @@
 """The search space: the one place where `trial.suggest_*` appears.
 
-The champion rebuilds the best trial's config through this same function (from the trial's
-stored params, via `optuna.trial.FixedTrial`), so the retrain can never drift from the search.
+Three spaces: `mlp` (the original project's fully connected nets on plain pixels, unchanged),
+`cnn` (small convolutional nets with augmented training batches) and `all` (the sampler also
+picks the family). The champion rebuilds the best trial's config through this same function
+(from the trial's stored params, via `optuna.trial.FixedTrial`), so the retrain can never drift
+from the search.
 """
 
 from __future__ import annotations
 
 import optuna
 
+from mnist_search.cli import SPACES
 from mnist_search.train import TrainConfig
 
 BATCH_SIZES = [128, 256, 512]  # below 128, steps are overhead-bound on a 2-core CPU
 
 
-def suggest_config(trial: optuna.Trial, epochs: int, seed: int) -> TrainConfig:
-    n_layers = trial.suggest_int("n_layers", 1, 3)
-    return TrainConfig(
+def suggest_config(trial: optuna.Trial, epochs: int, seed: int, space: str = "mlp") -> TrainConfig:
+    if space not in SPACES:
+        raise ValueError(f"unknown search space {space!r}; use one of {SPACES}")
+    family = trial.suggest_categorical("family", ["mlp", "cnn"]) if space == "all" else space
+    if family == "mlp":
+        n_layers = trial.suggest_int("n_layers", 1, 3)
         # log scale: 128 -> 256 matters as much as 512 -> 1024; 1024 caps the CPU cost
-        hidden=tuple(trial.suggest_int(f"width_{i}", 128, 1024, log=True) for i in range(n_layers)),
+        net = {
+            "hidden": [
+                trial.suggest_int(f"width_{i}", 128, 1024, log=True) for i in range(n_layers)
+            ]
+        }
+    else:
+        net = {  # widths capped so that a trial costs about what a wide MLP does (bench)
+            "channels": [
+                trial.suggest_int("channels_0", 8, 24, log=True),
+                trial.suggest_int("channels_1", 16, 48, log=True),
+            ],
+            "kernel": trial.suggest_categorical("kernel", [3, 5]),
+            "hidden": [trial.suggest_int("head_width", 64, 256, log=True)],
+        }
+    return TrainConfig(
+        family=family,
+        **net,
         dropout=trial.suggest_float("dropout", 0.0, 0.5),
         activation=trial.suggest_categorical("activation", ["relu", "gelu", "silu"]),
         optimizer=trial.suggest_categorical("optimizer", ["adam", "adamw"]),
@@ -25,12 +48,19 @@ def suggest_config(trial: optuna.Trial, epochs: int, seed: int) -> TrainConfig:
         weight_decay=trial.suggest_float("weight_decay", 1e-6, 1e-1, log=True),
         schedule=trial.suggest_categorical("schedule", ["constant", "cosine"]),
         label_smoothing=trial.suggest_float("label_smoothing", 0.0, 0.1),
+        # the original MLP search trains on plain pixels: its space stays as it was
+        augment=0.0 if space == "mlp" else trial.suggest_float("augment", 0.0, 1.0),
         batch_size=trial.suggest_categorical("batch_size", BATCH_SIZES),
         epochs=epochs,
         seed=seed,
     )
 
 
-def config_from_params(params: dict, epochs: int, seed: int) -> TrainConfig:
+def config_from_params(params: dict, epochs: int, seed: int, space: str = "mlp") -> TrainConfig:
     """The config a finished trial trained, rebuilt from its params by the same function."""
-    return suggest_config(optuna.trial.FixedTrial(params), epochs, seed)
+    return suggest_config(optuna.trial.FixedTrial(params), epochs, seed, space)
+
+
+def study_space(study: optuna.Study) -> str:
+    """The space a study samples; studies made before there were several spaces are `mlp`."""
+    return study.user_attrs.get("space", "mlp")

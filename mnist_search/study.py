@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 from mnist_search import interrupts
-from mnist_search.cli import add_device_flags
+from mnist_search.cli import SPACES, add_champion_flags, add_device_flags, check_champion_flags
 
 DEFAULT_STORAGE = "optuna-journal.log"
 PARENT_ATTR = "mlflow_parent_run_id"  # study user attribute: the MLflow parent run
@@ -41,7 +41,18 @@ def build_parser() -> argparse.ArgumentParser:
         "rerun tops up",
     )
     p.add_argument("--epochs", type=int, default=10, help="most epochs per trial")
-    p.add_argument("--study-name", default="mnist-mlp")
+    p.add_argument(
+        "--space",
+        choices=SPACES,
+        default="cnn",
+        help="the model families the sampler may choose: mlp (the original project's "
+        "fully connected nets on plain pixels), cnn (small conv nets, augmented batches), all",
+    )
+    p.add_argument(
+        "--study-name",
+        default="mnist",
+        help="the study to create or resume (`mnist-mlp` is the original project's MLP search)",
+    )
     p.add_argument(
         "--storage",
         default=DEFAULT_STORAGE,
@@ -86,9 +97,7 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="skip retraining, testing and registering the best trial at the end",
     )
-    p.add_argument(
-        "--register-as", default="mnist-mlp", help="registered model name for the champion"
-    )
+    add_champion_flags(p)
     return p
 
 
@@ -112,12 +121,15 @@ def open_storage(url: str):
     return JournalStorage(JournalFileBackend(url))
 
 
-def open_study(name: str, storage, pruner, seed: int, tracker, params: dict):
+def open_study(name: str, storage, pruner, seed: int, tracker, params: dict, space: str = "mlp"):
     """Create the study and its MLflow parent run exactly once, however many workers start
     together: creating a study is atomic in every Optuna storage, so the one worker whose
     create succeeds makes the parent run and records its id on the study; the others wait
-    for that id and reopen the same run."""
+    for that id and reopen the same run. A study resumes only in the space it was made in
+    (ValueError otherwise): its trials' params are only meaningful there."""
     import optuna
+
+    from mnist_search.space import study_space
 
     try:
         study = optuna.create_study(
@@ -129,11 +141,18 @@ def open_study(name: str, storage, pruner, seed: int, tracker, params: dict):
     else:
         study.set_user_attr("seed", seed)  # the champion retrains with the study's own seed
         name_objective(study)
+        study.set_user_attr("space", space)  # the champion rebuilds configs in the same space
         study.set_user_attr(PARENT_ATTR, tracker.create_parent(params))
         return study
     deadline = time.monotonic() + 60
     while PARENT_ATTR not in study.user_attrs and time.monotonic() < deadline:
-        time.sleep(0.5)  # the creating worker is making the parent run
+        time.sleep(0.5)  # the creating worker is making the parent run (after the space)
+    made_in = study_space(study)
+    if made_in != space:
+        raise ValueError(
+            f"study {name!r} searches --space {made_in}, not {space}: pass --space {made_in} "
+            "to resume it, or a new --study-name for a new search"
+        )
     run_id = study.user_attrs.get(PARENT_ATTR) or tracker.find_parent()
     if run_id is None:  # its creator died before making one
         run_id = tracker.create_parent(params)
@@ -226,17 +245,25 @@ def places_taken_before(trial) -> int:
 
 
 def make_objective(
-    data, device, epochs: int, seed: int, tracker, cuda_graphs: bool = True, budget=None
+    data,
+    device,
+    epochs: int,
+    seed: int,
+    tracker,
+    cuda_graphs: bool = True,
+    budget=None,
+    space: str = "mlp",
 ):
-    """The objective: config from the space, plain `fit`, with pruning and logging in the hook.
+    """The objective: config from the `space`, plain `fit`, with pruning and logging in the hook.
     With a `budget`, a trial that finds `budget` earlier trials finished or running is given
     back before training: FAIL with the user attribute `over_budget`, its run KILLED with
     `optuna_state=OVER_BUDGET`. So the study never has more than `budget` finished trials, however
     many workers on however many machines asked for the last place at the same moment."""
     import optuna
 
+    from mnist_search.model import training_flops_per_sample
     from mnist_search.space import suggest_config
-    from mnist_search.train import fit
+    from mnist_search.train import build_model, fit
 
     def give_back(trial: optuna.Trial, taken: int):
         reason = (
@@ -255,8 +282,12 @@ def make_objective(
         trial.set_user_attr("pid", os.getpid())
         if budget is not None and (taken := places_taken_before(trial)) >= budget:
             give_back(trial, taken)
-        config = suggest_config(trial, epochs, seed)
-        run = tracker.start_trial(trial.number, trial.params)
+        config = suggest_config(trial, epochs, seed, space)
+        flops = training_flops_per_sample(build_model(config))  # the trial's cost, comparable
+        trial.set_user_attr("flops_per_sample", flops)  # across families (as bench counts it)
+        run = tracker.start_trial(
+            trial.number, {**trial.params, "family": config.family, "flops_per_sample": flops}
+        )
         trial.set_user_attr("mlflow_run_id", run.run_id)
         last = {}  # the model and number of the latest epoch, for the weights artifact
         start = time.perf_counter()
@@ -436,7 +467,14 @@ def run_study(args, study, storage, tracker, data, device) -> int:
     study.sampler = optuna.samplers.TPESampler(seed=seed)
     start, failures_in_a_row = time.monotonic(), 0
     objective = make_objective(
-        data, device, args.epochs, args.seed, tracker, args.cuda_graphs, budget=args.trials
+        data,
+        device,
+        args.epochs,
+        args.seed,
+        tracker,
+        args.cuda_graphs,
+        budget=args.trials,
+        space=args.space,
     )
     ours = []  # the trial each optimize call ran: other workers add theirs to study.trials
     bar = tqdm(
@@ -515,6 +553,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--trials, --epochs and --workers must be at least 1")
     if args.timeout is not None and args.timeout <= 0:
         parser.error("--timeout must be positive")
+    check_champion_flags(parser, args)
 
     import optuna  # heavy imports only after the flags parse, so --help is instant
     import torch
@@ -552,6 +591,7 @@ def main(argv: list[str] | None = None) -> int:
         "study_name": args.study_name,
         "seed": args.seed,
         "epochs": args.epochs,
+        "space": args.space,
         "sampler": "TPESampler",
         "pruner": f"{args.pruner}: {type(pruner).__name__}",
         "objective": "max validation accuracy over epochs",
@@ -561,7 +601,10 @@ def main(argv: list[str] | None = None) -> int:
         "optuna": optuna.__version__,
         "mlflow": __import__("mlflow").__version__,
     }
-    study = open_study(args.study_name, storage, pruner, args.seed, tracker, params)
+    try:
+        study = open_study(args.study_name, storage, pruner, args.seed, tracker, params, args.space)
+    except ValueError as e:
+        parser.error(str(e))
     data = mdata.load_data(data_dir, device)
     if args.workers > 1:  # the matmuls of N trials share the cores
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // args.workers))
@@ -607,7 +650,10 @@ def search_and_crown(args, study, storage, tracker, data, data_dir, device, chil
         if code == 0 and finished_count(study) >= args.trials and not args.no_champion:
             from mnist_search.champion import crown
 
-            crown(study, tracker, data_dir, device, args.register_as, cuda_graphs=args.cuda_graphs)
+            crown(
+                study, tracker, data_dir, device, args.register_as,
+                cuda_graphs=args.cuda_graphs, ensemble=args.ensemble, seeds=args.seeds,
+            )  # fmt: skip
         interrupts.check()  # a signal that came during the last steps still counts
     except KeyboardInterrupt:
         print("\ninterrupted: the running trial or champion ended as FAIL/KILLED; rerun to resume")

@@ -16,10 +16,12 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import nn
 
+from mnist_search.augment import random_affine
 from mnist_search.data import Data, Split
-from mnist_search.model import ACTIVATIONS, MLP
+from mnist_search.model import ACTIVATIONS, CNN, MLP
 
 CHOICES = {
+    "family": ("mlp", "cnn"),
     "activation": tuple(ACTIVATIONS),
     "optimizer": ("adam", "adamw", "sgd"),
     "schedule": ("constant", "cosine"),
@@ -28,7 +30,10 @@ CHOICES = {
 
 @dataclass(frozen=True)
 class TrainConfig:
-    hidden: tuple[int, ...] = (512, 256)  # widths of the hidden layers
+    family: str = "mlp"  # mlp | cnn
+    hidden: tuple[int, ...] = (512, 256)  # widths of the dense hidden layers (the CNN's head)
+    channels: tuple[int, ...] = ()  # the CNN's conv widths, one per conv block; none for an MLP
+    kernel: int = 5  # the CNN's conv kernel size (odd)
     dropout: float = 0.2  # after every hidden layer
     activation: str = "relu"  # relu | gelu | silu
     optimizer: str = "adam"  # adam | adamw | sgd (Nesterov momentum 0.9)
@@ -36,18 +41,34 @@ class TrainConfig:
     weight_decay: float = 0.0
     schedule: str = "constant"  # constant | cosine (to zero over all epochs)
     label_smoothing: float = 0.0
+    augment: float = 0.0  # strength of random affine distortions of training batches; 0 = off
     batch_size: int = 128
     epochs: int = 10
     seed: int = 0  # weights, dropout and batch order
 
     def __post_init__(self):
         object.__setattr__(self, "hidden", tuple(int(w) for w in self.hidden))
+        object.__setattr__(self, "channels", tuple(int(c) for c in self.channels))
         for name, choices in CHOICES.items():
             if getattr(self, name) not in choices:
                 raise ValueError(f"unknown {name} {getattr(self, name)!r}; use one of {choices}")
+        if (self.family == "cnn") != bool(self.channels):
+            raise ValueError("a cnn needs conv channels, and an mlp has none")
+        if self.family == "cnn" and (self.kernel < 1 or self.kernel % 2 == 0):
+            raise ValueError(f"the conv kernel must be odd and positive, not {self.kernel}")
+        if not 0 <= self.augment <= 1:
+            raise ValueError(f"augment is a strength from 0 to 1, not {self.augment}")
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    def describe(self) -> str:
+        """The architecture in a few words: `MLP 784-512-256-10` or `CNN 16-32 5x5, head 128`."""
+        if self.family == "mlp":
+            return f"MLP {'-'.join(map(str, (784, *self.hidden, 10)))}"
+        head = f", head {'-'.join(map(str, self.hidden))}" if self.hidden else ""
+        k = self.kernel
+        return f"CNN {'-'.join(map(str, self.channels))} {k}x{k}{head}"
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -60,7 +81,7 @@ class NonFiniteLossError(FloatingPointError):
 
 @dataclass
 class FitResult:
-    model: MLP
+    model: nn.Module
     history: list[dict] = field(default_factory=list)  # one dict of metrics per epoch
 
     @property
@@ -71,7 +92,7 @@ class FitResult:
         return max(self.history, key=lambda m: m["val_accuracy"])["epoch"]
 
 
-EpochHook = Callable[[int, dict, MLP], None]
+EpochHook = Callable[[int, dict, nn.Module], None]
 
 
 def resolve_device(name: str) -> torch.device:
@@ -84,7 +105,9 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def build_model(config: TrainConfig) -> MLP:
+def build_model(config: TrainConfig) -> nn.Module:
+    if config.family == "cnn":
+        return CNN(config.channels, config.kernel, config.hidden, config.dropout, config.activation)
     return MLP(config.hidden, config.dropout, config.activation)
 
 
@@ -189,9 +212,11 @@ def fit(
     loss_fn = nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
     # the epoch's summed loss stays on the device, so no step waits for the GPU to hand it back
     total = torch.zeros((), device=device)
+    background = -data.mean / data.std  # a blank pixel, normalized
 
     def step(idx: torch.Tensor) -> None:
         x, y = data.train.x.index_select(0, idx), data.train.y.index_select(0, idx)
+        x = random_affine(x, config.augment, background)
         optimizer.zero_grad(set_to_none=False)
         loss = loss_fn(model(x), y)
         loss.backward()
