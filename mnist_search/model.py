@@ -32,11 +32,12 @@ class MLP(nn.Module):
 
 
 class CNN(nn.Module):
-    """Two conv blocks, each conv -> batch norm -> activation -> 2x2 max pool (28 -> 14 -> 7),
-    then a dense head over the 7x7 maps. The first block pools straight away, so the second
-    conv runs at 14x14 and the dense head sees 49 positions: cheap on a CPU, where the first
-    conv's single input channel uses the cores poorly. Maps are channels-last, the layout in
-    which PyTorch's CPU convolutions ran about 2x faster here."""
+    """Conv blocks that each halve the maps (28 -> 14 -> 7): a stride-2 conv -> batch norm ->
+    activation, then a dense head over the last maps. A stride-2 conv computes a quarter of the
+    outputs of a conv followed by a 2x2 max pool, and skips the pool: on 2 CPU cores a 16-32
+    channel net trained 3.8x faster this way than with conv + max pool (batch 128), at the
+    accuracy the README's table gives. Maps are channels-last, the layout in which PyTorch's CPU
+    convolutions ran about 2x faster here."""
 
     def __init__(
         self,
@@ -51,13 +52,16 @@ class CNN(nn.Module):
         in_channels = 1
         for out_channels in channels:
             layers += [
-                nn.Conv2d(in_channels, out_channels, kernel, padding=kernel // 2, bias=False),
+                nn.Conv2d(
+                    in_channels, out_channels, kernel, stride=2, padding=kernel // 2, bias=False
+                ),
                 nn.BatchNorm2d(out_channels),
                 ACTIVATIONS[activation](),
-                nn.MaxPool2d(2),
             ]
             in_channels = out_channels
-        side = 28 // 2 ** len(channels)
+        side = 28
+        for _ in channels:  # a stride-2 conv with padding kernel // 2 rounds up: 7 -> 4
+            side = (side + 1) // 2
         self.features = nn.Sequential(*layers)
         self.head = nn.Sequential(
             nn.Flatten(),

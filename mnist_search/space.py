@@ -32,8 +32,8 @@ def suggest_config(trial: optuna.Trial, epochs: int, seed: int, space: str = "ml
     else:
         net = {  # widths capped so that a trial costs about what a wide MLP does (bench)
             "channels": [
-                trial.suggest_int("channels_0", 8, 24, log=True),
-                trial.suggest_int("channels_1", 16, 48, log=True),
+                trial.suggest_int("channels_0", 8, 32, log=True),
+                trial.suggest_int("channels_1", 16, 64, log=True),
             ],
             "kernel": trial.suggest_categorical("kernel", [3, 5]),
             "hidden": [trial.suggest_int("head_width", 64, 256, log=True)],
