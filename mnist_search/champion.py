@@ -400,7 +400,7 @@ def main(argv: list[str] | None = None) -> int:
         "training data, test once, export and register it.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    p.add_argument("--study-name", default="mnist")
+    p.add_argument("--study-name", default="mnist-mlp")
     p.add_argument("--storage", default=DEFAULT_STORAGE)
     p.add_argument("--tracking-uri", default=None)
     p.add_argument("--data-dir", type=Path, default=None)

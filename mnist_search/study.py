@@ -50,7 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--study-name",
-        default="mnist",
+        default="mnist-mlp",
         help="the study to create or resume (`mnist-mlp` is the original project's MLP search)",
     )
     p.add_argument(

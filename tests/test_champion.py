@@ -17,18 +17,21 @@ from PIL import Image
 from mnist_search import champion, predict
 from mnist_search import study as mstudy
 from mnist_search.data import load_images
+from mnist_search.train import TrainConfig, build_model
 from tests.conftest import assert_parent_series, free_port, use_synthetic_mnist, wait_for_http
 
 
 @pytest.fixture(scope="module")
 def crowned(tmp_path_factory):
-    """A 2-trial study on synthetic data, crowned: (folder, data_dir, crown's result)."""
+    """A 2-trial study on synthetic data (the default space: CNNs), crowned as an ensemble of
+    both trials: (folder, data_dir, study, crown's metrics)."""
     tmp = tmp_path_factory.mktemp("champion")
     with pytest.MonkeyPatch.context() as mp:  # undone before the tests: each sets what it needs
         mp.chdir(tmp)
         mp.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp}/mlflow.db")
         data_dir = use_synthetic_mnist(mp, tmp / "data")
         argv = ["--trials", "2", "--epochs", "2", "--data-dir", str(data_dir), "--device", "cpu"]
+        argv += ["--ensemble", "2"]
         assert mstudy.main(argv + ["--storage", str(tmp / "s.journal")]) == 0
     storage = mstudy.open_storage(str(tmp / "s.journal"))
     study = optuna.load_study(study_name="mnist-mlp", storage=storage)
@@ -41,7 +44,12 @@ def test_the_champion_is_registered_with_alias_and_tags(crowned):
     client = MlflowClient(f"sqlite:///{tmp}/mlflow.db")
     version = client.get_model_version_by_alias("mnist-mlp", "champion")
     assert version.tags["study"] == "mnist-mlp"
-    assert version.tags["trial"] == str(study.best_trial.number)
+    members = champion.members_of(study, 2)  # both trials, best first
+    assert [t.number for t in members] == sorted(
+        (t.number for t in study.trials), key=lambda n: -study.trials[n].value
+    )
+    assert version.tags["trial"] == "-".join(str(t.number) for t in members)
+    assert version.tags["family"] == "cnn"
     assert float(version.tags["test_accuracy"]) == pytest.approx(metrics["test_accuracy"])
     assert len(version.tags["data_digest"]) == 16
     # the registry page says what the model is and how good; the version, where it came from
@@ -50,16 +58,24 @@ def test_the_champion_is_registered_with_alias_and_tags(crowned):
     assert f"version {version.version}, test accuracy {accuracy}" in model_text
     assert "(N, 784)" in model_text and "models:/mnist-mlp@champion" in model_text
     assert f"Test accuracy {accuracy} ({version.tags['test_accuracy']})" in version.description
-    for fact in (f"Trial {study.best_trial.number} ", "`mnist-mlp`", version.tags["data_digest"]):
+    numbers = ", ".join(str(t.number) for t in members)
+    for fact in (f"ensemble (mean of the probabilities) of trials {numbers} ", "`mnist-mlp`"):
         assert fact in version.description
-    assert "| `lr` |" in version.description and "parameters" in version.description
+    assert version.tags["data_digest"] in version.description
+    assert "| `channels` |" in version.description and "parameters" in version.description
     run = client.get_run(version.run_id)
     assert run.data.tags["mnist_search.role"] == "champion"
     parent = client.get_run(run.data.tags["mlflow.parentRunId"])  # nested under the study's run
     assert parent.data.metrics["test_accuracy"] == pytest.approx(metrics["test_accuracy"])
     assert_parent_series(client, study, parent.info.run_id)
-    retrain = client.get_metric_history(run.info.run_id, "train_loss")  # one per epoch
-    assert [m.step for m in retrain] == list(range(1, int(metrics["epochs"]) + 1))
+    retrain = [  # each member's loss, one per epoch from 1
+        [m.step for m in client.get_metric_history(run.info.run_id, f"member_{i}.train_loss")]
+        for i in range(2)
+    ]
+    assert [len(steps) for steps in retrain] == [
+        int(run.data.params[f"member_{i}.epochs"]) for i in range(2)
+    ]
+    assert sum(map(len, retrain)) == metrics["epochs"] and all(s[0] == 1 for s in retrain)
     assert {a.path for a in client.list_artifacts(run.info.run_id, "figures")} == {
         "figures/confusion_matrix.png",
         "figures/per_class_accuracy.png",
@@ -86,7 +102,7 @@ def test_loads_agree_and_reproduce_the_test_accuracy(crowned, monkeypatch):
 
 
 def test_export_folder_loads_without_the_package_and_onnx_matches(crowned):
-    tmp, data_dir, _, metrics = crowned
+    tmp, data_dir, study, metrics = crowned
     out = tmp / "exports/mnist-mlp"
     assert {p.name for p in out.iterdir()} == {
         "weights.pt",
@@ -96,7 +112,14 @@ def test_export_folder_loads_without_the_package_and_onnx_matches(crowned):
     }
     state = torch.load(out / "weights.pt", weights_only=True)
     config = json.loads((out / "config.json").read_text())
-    assert [list(state[k].shape) for k in state if k.endswith("weight")] == config["layers"]
+    assert [m["trial"] for m in config["members"]] == [
+        t.number for t in champion.members_of(study, 2)
+    ]
+    for i, member in enumerate(config["members"]):  # each member's weights fit its config
+        net = build_model(TrainConfig(**member["config"]))
+        net.load_state_dict(
+            {k[len(f"nets.{i}.") :]: v for k, v in state.items() if k.startswith(f"nets.{i}.")}
+        )
     assert metrics["onnx_max_abs_error"] < 1e-5
     images, _ = load_images(data_dir, train=False)
     import onnxruntime

@@ -1,0 +1,97 @@
+"""The model families, augmentation and the ensemble: tiny synthetic data, CPU, seconds."""
+
+import optuna
+import pytest
+import torch
+
+from mnist_search.augment import random_affine
+from mnist_search.champion import export_folder, onnx_max_error
+from mnist_search.data import Data, to_split
+from mnist_search.model import CNN, MLP, PixelClassifier, training_flops_per_sample
+from mnist_search.space import config_from_params, suggest_config
+from mnist_search.train import TrainConfig, build_model, fit
+from tests.conftest import synthetic_images
+
+CNN_CONFIG = TrainConfig(
+    family="cnn", channels=(4, 8), kernel=3, hidden=(16,), lr=3e-3, batch_size=32, epochs=3
+)
+MLP_CONFIG = TrainConfig(hidden=(32,), lr=3e-3, batch_size=32, epochs=3)
+
+
+def band_data(n=600) -> Data:
+    """Fake digits whose class is the row of a bright band (tests/conftest.py), normalized."""
+    images, labels = synthetic_images(n, seed=0)
+    mean, std = images.float().mean().item() / 255, images.float().std().item() / 255
+    cpu = torch.device("cpu")
+    train = to_split(images[:500], labels[:500], mean, std, cpu)
+    return Data(train, to_split(images[500:], labels[500:], mean, std, cpu), mean, std)
+
+
+@pytest.mark.parametrize("config", [MLP_CONFIG, CNN_CONFIG], ids=["mlp", "cnn"])
+def test_each_family_trains_and_beats_chance_by_far(config):
+    result = fit(config, band_data())
+    assert isinstance(result.model, MLP if config.family == "mlp" else CNN)
+    assert result.history[-1]["val_accuracy"] > 0.9  # chance is 0.1
+
+
+def test_a_cnn_trains_with_augmentation_and_counts_its_flops():
+    config = TrainConfig(**{**CNN_CONFIG.to_dict(), "augment": 0.5})
+    assert fit(config, band_data()).history[-1]["val_accuracy"] > 0.9
+    # two stride-2 convs (28 -> 14 -> 7) and the head; 3 x 2 x multiply-adds, as bench counts
+    macs = 14 * 14 * 4 * 9 + 7 * 7 * 8 * 4 * 9 + 7 * 7 * 8 * 16 + 16 * 10
+    assert training_flops_per_sample(build_model(CNN_CONFIG)) == 6 * macs
+
+
+def test_augmentation_off_is_the_identity_and_on_keeps_shapes_and_is_seeded():
+    x = band_data().train.x[:64]
+    assert random_affine(x, 0.0, -1.0) is x
+    torch.manual_seed(3)
+    a = random_affine(x, 1.0, -1.0)
+    torch.manual_seed(3)
+    b = random_affine(x, 1.0, -1.0)
+    assert a.shape == x.shape and a.dtype == x.dtype and torch.equal(a, b)
+    assert not torch.equal(a, x)
+    # an all-background image stays background wherever it is moved to
+    blank = torch.full((2, 784), -1.0)
+    assert torch.allclose(random_affine(blank, 1.0, -1.0), blank, atol=1e-6)
+
+
+def test_the_ensemble_outputs_the_mean_of_its_members():
+    torch.manual_seed(0)
+    nets = [build_model(MLP_CONFIG), build_model(CNN_CONFIG)]
+    ensemble = PixelClassifier(nets, mean=0.1, std=0.3).eval()
+    pixels = torch.randint(0, 256, (5, 28, 28), dtype=torch.uint8)
+    with torch.no_grad():
+        members = [PixelClassifier(net, mean=0.1, std=0.3).eval()(pixels) for net in nets]
+        assert torch.allclose(ensemble(pixels), (members[0] + members[1]) / 2, atol=1e-7)
+        assert torch.allclose(ensemble(pixels), ensemble(pixels.reshape(5, 784).float()))
+
+
+@pytest.mark.parametrize("kind", ["cnn", "ensemble"])
+def test_onnx_matches_pytorch(kind, tmp_path):
+    pytest.importorskip("onnxruntime")
+    torch.manual_seed(0)
+    nets = [build_model(CNN_CONFIG)] + ([build_model(MLP_CONFIG)] if kind == "ensemble" else [])
+    model = PixelClassifier(nets, mean=0.13, std=0.31).eval()
+    images = synthetic_images(64, seed=1)[0].reshape(64, 784)  # as crown exports: (N, 784)
+    out = export_folder(model, {"kind": kind}, images, tmp_path / kind)
+    assert onnx_max_error(model, out / "model.onnx", images) < 1e-5
+
+
+@pytest.mark.parametrize("space", ["cnn", "all"])
+def test_a_trials_params_rebuild_its_config(space):
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    for _ in range(6):
+        trial = study.ask()
+        config = suggest_config(trial, epochs=5, seed=7, space=space)
+        assert config_from_params(trial.params, 5, 7, space) == config
+        study.tell(trial, 0.5)
+    families = {config_from_params(t.params, 5, 7, space).family for t in study.trials}
+    assert families == ({"cnn"} if space == "cnn" else {"mlp", "cnn"})
+
+
+def test_the_mlp_space_samples_todays_params():
+    trial = optuna.create_study().ask()
+    config = suggest_config(trial, epochs=5, seed=0, space="mlp")
+    assert config.family == "mlp" and config.augment == 0
+    assert {"family", "channels_0", "augment"}.isdisjoint(trial.params)
