@@ -6,12 +6,15 @@ In one run, on the same MLP (784-512-256-10, dropout 0.2, Adam) and the same rea
 2. our path (`fit` on device-resident tensors) at batch 128 and 512; on a GPU, where `fit`
    replays each step from a CUDA graph, also the same steps launched eagerly at batch 128;
 3. the ceiling: measured matmul FLOP/s on the same device and threads, divided by the MLP's
-   training FLOPs per sample (6 x weights: forward, and backward for inputs and weights).
+   training FLOPs per sample (6 x weights: forward, and backward for inputs and weights);
+4. a CNN of the search space (16-32 channels, 5x5, head 128) at batch 128, without and with
+   random affine augmentation at full strength: the difference is augmentation's cost.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 import time
 from pathlib import Path
@@ -20,10 +23,11 @@ import torch
 from torch import nn
 
 from mnist_search.data import Data, Split, default_data_dir, ensure_mnist, load_data
-from mnist_search.model import MLP
-from mnist_search.train import TrainConfig, fit, resolve_device
+from mnist_search.model import MLP, training_flops_per_sample
+from mnist_search.train import TrainConfig, build_model, fit, resolve_device
 
 HIDDEN = (512, 256)
+CNN_CONFIG = TrainConfig(family="cnn", channels=(16, 32), kernel=5, hidden=(128,), batch_size=128)
 
 
 def _sync(device: torch.device) -> None:
@@ -62,11 +66,12 @@ def usual_way(data_dir: Path, samples: int, device: torch.device) -> float:
     return seen / (time.perf_counter() - start)
 
 
-def ours(data: Data, batch_size: int, device: torch.device, cuda_graphs: bool = True) -> float:
+def ours(data: Data, batch_size: int, device: torch.device, config=None, cuda_graphs=True) -> float:
     """Samples/s of `fit` itself over `data.train` (give it no validation split), in the second
-    of two epochs: the first pays for warm-up and, on a GPU, for recording the CUDA graph."""
-    config = TrainConfig(hidden=HIDDEN, dropout=0.2, lr=1e-3, batch_size=batch_size, epochs=2)
-    result = fit(config, data, device, cuda_graphs=cuda_graphs)
+    of two epochs: the first pays for warm-up and, on a GPU, for recording the CUDA graph. The
+    net is the MLP unless `config` names another."""
+    config = config or TrainConfig(hidden=HIDDEN, dropout=0.2, lr=1e-3, batch_size=batch_size)
+    result = fit(dataclasses.replace(config, epochs=2), data, device, cuda_graphs)
     return len(data.train) / result.history[-1]["epoch_seconds"]
 
 
@@ -83,13 +88,9 @@ def matmul_flops(device: torch.device, n: int, seconds: float = 2.0) -> float:
     return 2 * n**3 * runs / (time.perf_counter() - start)
 
 
-def training_flops_per_sample(model: nn.Module) -> int:
-    weights = sum(p.numel() for name, p in model.named_parameters() if name.endswith("weight"))
-    return 6 * weights
-
-
 def bench(data_dir: Path, device: torch.device, samples: int) -> dict[str, tuple[str, float]]:
-    """{key: (row label, samples/s)}; keys usual, eager128 (GPU only), ours128, ours512, ceiling."""
+    """{key: (row label, samples/s)}; keys usual, eager128 (GPU only), ours128, ours512, ceiling,
+    cnn128, cnn128aug."""
     data = load_data(data_dir, device)
     subset = Data(Split(data.train.x[:samples], data.train.y[:samples]), None, data.mean, data.std)
     gpu = device.type == "cuda"
@@ -105,13 +106,18 @@ def bench(data_dir: Path, device: torch.device, samples: int) -> dict[str, tuple
     if gpu:
         rows["eager128"] = (
             "ours, eager (no CUDA graph), batch 128",
-            ours(subset, 128, device, False),
+            ours(subset, 128, device, cuda_graphs=False),
         )
     where = "CUDA graph" if gpu else "device-resident tensors"
     rows["ours128"] = (f"ours: {where}, batch 128", ours(subset, 128, device))
     rows["ours512"] = (f"ours: {where}, batch 512", ours(subset, 512, device))
     label = f"ceiling: {flops / 1e9:,.0f} GFLOP/s ({n}² fp32) / {per_sample / 1e6:.2f} MFLOP"
     rows["ceiling"] = (label, flops / per_sample)
+    cnn_flops = training_flops_per_sample(build_model(CNN_CONFIG)) / 1e6
+    cnn = f"ours: {CNN_CONFIG.describe()} ({cnn_flops:.1f} MFLOP), batch 128"
+    rows["cnn128"] = (cnn, ours(subset, 128, device, CNN_CONFIG))
+    augmented = dataclasses.replace(CNN_CONFIG, augment=1.0)
+    rows["cnn128aug"] = ("  the same, augmented (strength 1)", ours(subset, 128, device, augmented))
     return rows
 
 
@@ -147,6 +153,9 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"ours at batch 512 as a fraction of the ceiling: {rate['ours512'] / rate['ceiling']:.2f}"
     )
+    epoch = 50_000  # a search epoch: the training split
+    cost = epoch / rate["cnn128aug"] - epoch / rate["cnn128"]
+    print(f"augmentation's cost per search epoch ({epoch:,} images) of that CNN: {cost:.2f} s")
     return 0
 
 

@@ -44,7 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--space",
         choices=SPACES,
-        default="cnn",
+        default="mlp",
         help="the model families the sampler may choose: mlp (the original project's "
         "fully connected nets on plain pixels), cnn (small conv nets, augmented batches), all",
     )

@@ -23,7 +23,7 @@ from tests.conftest import assert_parent_series, free_port, use_synthetic_mnist,
 
 @pytest.fixture(scope="module")
 def crowned(tmp_path_factory):
-    """A 2-trial study on synthetic data (the default space: CNNs), crowned as an ensemble of
+    """A 2-trial study of CNNs on synthetic data, crowned as an ensemble of
     both trials: (folder, data_dir, study, crown's metrics)."""
     tmp = tmp_path_factory.mktemp("champion")
     with pytest.MonkeyPatch.context() as mp:  # undone before the tests: each sets what it needs
@@ -31,7 +31,7 @@ def crowned(tmp_path_factory):
         mp.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp}/mlflow.db")
         data_dir = use_synthetic_mnist(mp, tmp / "data")
         argv = ["--trials", "2", "--epochs", "2", "--data-dir", str(data_dir), "--device", "cpu"]
-        argv += ["--ensemble", "2"]
+        argv += ["--space", "cnn", "--ensemble", "2"]
         assert mstudy.main(argv + ["--storage", str(tmp / "s.journal")]) == 0
     storage = mstudy.open_storage(str(tmp / "s.journal"))
     study = optuna.load_study(study_name="mnist-mlp", storage=storage)
