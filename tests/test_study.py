@@ -9,6 +9,8 @@ from mlflow import MlflowClient
 
 from mnist_search import study as mstudy
 from mnist_search.data import load_data
+from mnist_search.model import training_flops_per_sample
+from mnist_search.space import config_from_params
 from mnist_search.tracking import StudyTracker, load_weights
 from mnist_search.train import TrainConfig, build_model, evaluate
 from tests.conftest import assert_parent_series
@@ -56,7 +58,12 @@ def test_every_trial_is_a_child_run_with_metrics_and_weights(in_tmp, synthetic_m
         assert r.data.tags["mlflow.parentRunId"] == parents[0].info.run_id
         assert trial.user_attrs["mlflow_run_id"] == r.info.run_id
         assert r.data.tags["optuna_state"] == trial.state.name
-        assert {k: str(v) for k, v in trial.params.items()} == r.data.params
+        # the sampled params, plus the family and the trial's cost, for the UI's columns
+        flops = trial.user_attrs["flops_per_sample"]
+        expected = trial.params | {"family": "mlp", "flops_per_sample": flops}
+        assert {k: str(v) for k, v in expected.items()} == r.data.params
+        config = config_from_params(trial.params, 1, 0)
+        assert flops == training_flops_per_sample(build_model(config))
         history = client.get_metric_history(r.info.run_id, "val_accuracy")
         assert [m.step for m in history] == list(range(1, trial.user_attrs["epochs_trained"] + 1))
         best = max(m.value for m in history)  # the objective, on the run so its table sorts by it
@@ -115,7 +122,7 @@ def test_the_parent_series_is_final_whichever_worker_logs_it_and_in_whatever_ord
     assert_parent_series(MlflowClient(), study, parent)
 
 
-def test_rerun_with_more_trials_continues_the_same_study(in_tmp, synthetic_mnist):
+def test_rerun_with_more_trials_continues_the_same_study(in_tmp, synthetic_mnist, capsys):
     handlers = [signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)]
     assert run(in_tmp, synthetic_mnist, "--trials", "3") == 0
     # a library call: the study's Ctrl-C / SIGTERM handlers did not outlive it
@@ -129,6 +136,11 @@ def test_rerun_with_more_trials_continues_the_same_study(in_tmp, synthetic_mnist
     assert len(trial_runs(client)) == 5
     exp = client.get_experiment_by_name("mnist-mlp")
     assert len(client.search_runs([exp.experiment_id], "tags.`mnist_search.role` = 'study'")) == 1
+    # resuming in another space is refused, naming the flag to pass; nothing recorded changes
+    with pytest.raises(SystemExit) as exit_:
+        run(in_tmp, synthetic_mnist, "--trials", "6", "--space", "cnn")
+    assert exit_.value.code == 2 and "pass --space mlp" in capsys.readouterr().err
+    assert len(load(in_tmp).trials) == 5 and len(trial_runs(client)) == 5
 
 
 def test_pruned_and_failed_trials_are_recorded_as_such(in_tmp, synthetic_mnist):
