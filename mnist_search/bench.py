@@ -71,7 +71,7 @@ def ours(data: Data, batch_size: int, device: torch.device, config=None, cuda_gr
     of two epochs: the first pays for warm-up and, on a GPU, for recording the CUDA graph. The
     net is the MLP unless `config` names another."""
     config = config or TrainConfig(hidden=HIDDEN, dropout=0.2, lr=1e-3, batch_size=batch_size)
-    result = fit(dataclasses.replace(config, epochs=2), data, device, cuda_graphs)
+    result = fit(dataclasses.replace(config, epochs=2), data, device, cuda_graphs=cuda_graphs)
     return len(data.train) / result.history[-1]["epoch_seconds"]
 
 

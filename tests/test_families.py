@@ -1,5 +1,7 @@
 """The model families, augmentation and the ensemble: tiny synthetic data, CPU, seconds."""
 
+import dataclasses
+
 import optuna
 import pytest
 import torch
@@ -95,3 +97,14 @@ def test_the_mlp_space_samples_todays_params():
     config = suggest_config(trial, epochs=5, seed=0, space="mlp")
     assert config.family == "mlp" and config.augment == 0
     assert {"family", "channels_0", "augment"}.isdisjoint(trial.params)
+
+
+def test_bench_times_the_cnn_with_and_without_augmentation():
+    from mnist_search import bench
+
+    train = band_data().train
+    data = Data(train, None, 0.0, 1.0)  # no validation split: bench times training alone
+    cpu = torch.device("cpu")
+    for config in (bench.CNN_CONFIG, dataclasses.replace(bench.CNN_CONFIG, augment=1.0)):
+        assert bench.ours(data, 128, cpu, config) > 0
+    assert bench.ours(data, 128, cpu) > 0  # the MLP
