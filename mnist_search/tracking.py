@@ -12,7 +12,7 @@ import json
 import os
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -59,18 +59,17 @@ def env_defaults(values: dict[str, str]) -> Iterator[None]:
             del os.environ[key]
 
 
-def log_epoch(client: MlflowClient, run_id: str, metrics: dict, step: int) -> None:
-    """One epoch's metrics from `fit` (all but "epoch" itself), at `step`, in one call."""
-    now = _now_ms()
-    batch = [Metric(k, float(v), now, step) for k, v in metrics.items() if k != "epoch"]
-    client.log_batch(run_id, metrics=batch)
+class Run:
+    """One MLflow run, through an explicit client; counts the seconds spent talking to MLflow.
 
+    Start it with `StudyTracker.start_run` or `create_run`, and end it with `lifecycle`: that is
+    the one place a run's status is decided. `summary` holds the metrics logged as it ends.
+    """
 
-class TrialRun:
-    """The child run of one trial; counts the seconds spent talking to MLflow."""
-
-    def __init__(self, client: MlflowClient, run_id: str):
+    def __init__(self, client: MlflowClient, run_id: str, state_tag: str | None = None):
         self.client, self.run_id = client, run_id
+        self.state_tag = state_tag  # the tag that names how it ended (trials: optuna_state)
+        self.summary: dict[str, float] = {}
         self.tracking_seconds = 0.0
 
     def _timed(self, fn, *args, **kwargs):
@@ -80,42 +79,93 @@ class TrialRun:
         finally:
             self.tracking_seconds += time.perf_counter() - start
 
-    def log_epoch(self, metrics: dict, step: int) -> None:
-        self._timed(log_epoch, self.client, self.run_id, metrics, step)
+    def log_params(self, params: dict) -> None:
+        self._timed(self.client.log_batch, self.run_id, params=_params(params))
+
+    def log_metrics(self, metrics: dict, step: int = 0) -> None:
+        """Metrics at `step`, in one call (all but an "epoch" entry: that is the step)."""
+        now = _now_ms()
+        batch = [Metric(k, float(v), now, step) for k, v in metrics.items() if k != "epoch"]
+        self._timed(self.client.log_batch, self.run_id, metrics=batch)
+
+    def log_artifacts(self, local: Path | str, artifact_path: str | None = None) -> None:
+        """A file, or a folder's contents, under `artifact_path` in the run's artifacts."""
+        log = self.client.log_artifacts if Path(local).is_dir() else self.client.log_artifact
+        self._timed(log, self.run_id, str(local), artifact_path)
 
     def log_weights(self, state_dict: dict, meta: dict) -> None:
         """`weights.pt` (a state_dict) and `config.json` under `model/` in the run's artifacts."""
+        with tempfile.TemporaryDirectory() as tmp:
+            cpu = {k: v.detach().cpu() for k, v in state_dict.items()}
+            torch.save(cpu, f"{tmp}/weights.pt")
+            Path(tmp, "config.json").write_text(json.dumps(meta, indent=2))
+            self.log_artifacts(tmp, WEIGHTS_DIR)
 
-        def write_and_upload():
-            with tempfile.TemporaryDirectory() as tmp:
-                torch.save(
-                    {k: v.detach().cpu() for k, v in state_dict.items()}, f"{tmp}/weights.pt"
-                )
-                Path(tmp, "config.json").write_text(json.dumps(meta, indent=2))
-                self.client.log_artifacts(self.run_id, tmp, WEIGHTS_DIR)
-
-        self._timed(write_and_upload)
-
-    def finish(
-        self,
-        status: str,
-        optuna_state: str,
-        reason: str | None = None,
-        metrics: dict[str, float] | None = None,
-    ) -> None:
-        tags = {"optuna_state": optuna_state}
+    def end(self, status: str, state: str, reason: str | None = None) -> None:
+        tags = {self.state_tag: state} if self.state_tag else {}
         if reason:
             tags["fail_reason"] = reason[:5000]
         for key, value in tags.items():
             self._timed(self.client.set_tag, self.run_id, key, value)
-        now = _now_ms()
-        batch = [Metric(k, float(v), now, 0) for k, v in (metrics or {}).items()]
-        self._timed(
-            self.client.log_batch,
-            self.run_id,
-            metrics=[*batch, Metric("tracking_seconds", self.tracking_seconds, now, 0)],
-        )
+        self.log_metrics({**self.summary, "tracking_seconds": self.tracking_seconds})
         self.client.set_terminated(self.run_id, status)
+
+
+@contextmanager
+def lifecycle(
+    run: Run,
+    stopped: dict[type[BaseException], str] | None = None,
+    on_failure: Callable[[str], object] | None = None,
+) -> Iterator[Run]:
+    """The one way a tracked run ends; every exception propagates.
+
+    A clean exit ends it FINISHED (state COMPLETE). KeyboardInterrupt (a Ctrl-C or SIGTERM,
+    see `interrupts`) ends it KILLED (INTERRUPTED), and so does an exception of a type in
+    `stopped`, with that type's state (a pruned trial: PRUNED). Any other error ends it FAILED
+    (FAIL) with the tag `fail_reason`, which `on_failure` also receives. The state goes in the
+    run's `state_tag`, if it has one.
+    """
+    stopped = stopped or {}
+    try:
+        yield run
+    except KeyboardInterrupt:
+        run.end("KILLED", "INTERRUPTED", "interrupted by the user")
+        raise
+    except tuple(stopped) as e:
+        state = next(name for kind, name in stopped.items() if isinstance(e, kind))
+        run.end("KILLED", state, str(e))
+        raise
+    except BaseException as e:
+        reason = f"{type(e).__name__}: {e}"
+        if on_failure is not None:
+            on_failure(reason)
+        run.end("FAILED", "FAIL", reason)
+        raise
+    run.end("FINISHED", "COMPLETE")
+
+
+def create_run(
+    client: MlflowClient, experiment_id: str, run_name: str, tags: dict, state_tag=None
+) -> Run:
+    start = time.perf_counter()
+    created = client.create_run(experiment_id, run_name=run_name, tags=tags)
+    run = Run(client, created.info.run_id, state_tag)
+    run.tracking_seconds = time.perf_counter() - start
+    return run
+
+
+def experiment_id(client: MlflowClient, name: str) -> str:
+    """The id of the experiment `name`, created (for the model-training view) if need be."""
+    experiment = client.get_experiment_by_name(name)
+    if experiment:
+        return experiment.experiment_id
+    try:
+        return client.create_experiment(name, tags=TRAINING_EXPERIMENT)
+    except mlflow.exceptions.MlflowException:  # another worker created it just now
+        experiment = client.get_experiment_by_name(name)
+        if experiment is None:
+            raise
+        return experiment.experiment_id
 
 
 class StudyTracker:
@@ -126,7 +176,7 @@ class StudyTracker:
         try:
             with env_defaults(FAIL_FAST):
                 self.client = MlflowClient(tracking_uri)
-                self.experiment_id = self._experiment_id(study_name)
+                self.experiment_id = experiment_id(self.client, study_name)
         except Exception as e:  # noqa: BLE001 - any failure here means the store is unusable
             uri = tracking_uri or mlflow.get_tracking_uri()
             raise TrackingError(
@@ -135,18 +185,6 @@ class StudyTracker:
             ) from e
         self.parent_id: str | None = None
         self.logged_steps: set[int] = set()  # the parent's series points this process logged
-
-    def _experiment_id(self, name: str) -> str:
-        experiment = self.client.get_experiment_by_name(name)
-        if experiment:
-            return experiment.experiment_id
-        try:
-            return self.client.create_experiment(name, tags=TRAINING_EXPERIMENT)
-        except mlflow.exceptions.MlflowException:  # another worker created it just now
-            experiment = self.client.get_experiment_by_name(name)
-            if experiment is None:
-                raise
-            return experiment.experiment_id
 
     def find_parent(self) -> str | None:
         """The study's parent run, if one was made (status untouched)."""
@@ -184,22 +222,22 @@ class StudyTracker:
         self.client.update_run(run_id, status="RUNNING")
         return run_id
 
-    def start_trial(self, number: int, params: dict) -> TrialRun:
-        start = time.perf_counter()
-        run = self.client.create_run(
-            self.experiment_id,
-            run_name=f"trial-{number}",
-            tags={
-                PARENT_TAG: self.parent_id,
-                ROLE_TAG: "trial",
-                STUDY_TAG: self.study_name,
-                "optuna_trial_number": str(number),
-            },
+    def start_run(self, role: str, run_name: str, tags: dict | None = None, state_tag=None) -> Run:
+        """A run nested under the study's parent run."""
+        tags = {
+            PARENT_TAG: self.parent_id,
+            ROLE_TAG: role,
+            STUDY_TAG: self.study_name,
+            **(tags or {}),
+        }
+        return create_run(self.client, self.experiment_id, run_name, tags, state_tag)
+
+    def start_trial(self, number: int, params: dict) -> Run:
+        run = self.start_run(
+            "trial", f"trial-{number}", {"optuna_trial_number": str(number)}, "optuna_state"
         )
-        trial_run = TrialRun(self.client, run.info.run_id)
-        trial_run.tracking_seconds = time.perf_counter() - start
-        trial_run._timed(self.client.log_batch, run.info.run_id, params=_params(params))
-        return trial_run
+        run.log_params(params)
+        return run
 
     def close_orphans(self, trial_is_running) -> list[str]:
         """End as FAILED every trial run still RUNNING whose Optuna trial is not running any

@@ -83,6 +83,7 @@ class NonFiniteLossError(FloatingPointError):
 class FitResult:
     model: nn.Module
     history: list[dict] = field(default_factory=list)  # one dict of metrics per epoch
+    stopped: bool = False  # the epoch hook asked to stop (after the last epoch it ran)
 
     @property
     def best_epoch(self) -> int:
@@ -92,7 +93,7 @@ class FitResult:
         return max(self.history, key=lambda m: m["val_accuracy"])["epoch"]
 
 
-EpochHook = Callable[[int, dict, nn.Module], None]
+EpochHook = Callable[[int, dict, nn.Module], bool | None]  # True: stop training
 
 
 def resolve_device(name: str) -> torch.device:
@@ -101,7 +102,7 @@ def resolve_device(name: str) -> torch.device:
     if name == "cuda" and not torch.cuda.is_available():
         raise ValueError("--device cuda asked for, but no CUDA GPU is visible; use cpu or auto")
     if name not in ("cpu", "cuda"):
-        raise ValueError(f"unknown device {name!r}; use auto, cpu or cuda")
+        raise ValueError(f"unknown --device {name!r}; use auto, cpu or cuda")
     return torch.device(name)
 
 
@@ -199,8 +200,9 @@ def fit(
     cuda_graphs: bool = True,
 ) -> FitResult:
     """Train a fresh model on `data.train`; after each epoch, measure on `data.val` (if any) and
-    call `on_epoch_end(epoch, metrics, model)`. Whatever that hook raises stops training and
-    propagates (that is how the study prunes). Raises NonFiniteLossError when an epoch's
+    call `on_epoch_end(epoch, metrics, model)`. If the hook returns True, training stops there
+    (that is how the study prunes) with `stopped` set; whatever it raises propagates.
+    Raises NonFiniteLossError when an epoch's
     training loss is NaN or infinite. On a CUDA device, Adam and AdamW steps are replayed from
     a CUDA graph (`CudaGraphStep`) unless `cuda_graphs` is False."""
     device = torch.device(device)
@@ -244,8 +246,9 @@ def fit(
             metrics |= {"val_loss": val["loss"], "val_accuracy": val["accuracy"]}
         metrics["epoch_seconds"] = time.perf_counter() - start
         result.history.append(metrics)
-        if on_epoch_end is not None:
-            on_epoch_end(epoch, metrics, model)
+        if on_epoch_end is not None and on_epoch_end(epoch, metrics, model):
+            result.stopped = True
+            break
     return result
 
 
