@@ -33,7 +33,7 @@ study() {  # study NAME TIMEOUT FLAGS...: a fresh folder, wall time, per-trial t
   echo "exit $? after $(awk "BEGIN {print $(date +%s.%N) - $t0}") s wall" | tee -a "$log"
   (cd "$dir" && python3 - "$name" >"$out/trials-$name.csv" 2>>"$log") <<'EOF'
 import sys
-from mnist_search.study import load_existing_study
+from mnist_search.storage import load_existing_study
 study = load_existing_study(sys.argv[1], "journal.log")
 df = study.trials_dataframe(attrs=("number", "state", "value", "duration", "params", "user_attrs"))
 df["seconds"] = df.pop("duration").dt.total_seconds()

@@ -29,7 +29,8 @@ from mnist_search.cli import add_champion_flags, add_device_flags, check_champio
 from mnist_search.data import data_digest, load_data, load_images
 from mnist_search.model import PixelClassifier, training_flops_per_sample
 from mnist_search.space import config_from_params, study_space
-from mnist_search.tracking import PARENT_TAG, ROLE_TAG, STUDY_TAG, env_defaults, log_epoch
+from mnist_search.storage import DEFAULT_STORAGE, load_existing_study
+from mnist_search.tracking import env_defaults, lifecycle
 from mnist_search.train import TrainConfig, fit
 
 PREDICTION_DEVICE = "MLFLOW_DEFAULT_PREDICTION_DEVICE"  # where MLflow's pyfunc loads a model
@@ -110,9 +111,14 @@ def export_folder(model: PixelClassifier, meta: dict, test_images, out: Path):
     return out
 
 
-def onnx_max_error(model: PixelClassifier, onnx_path: Path, images: torch.Tensor) -> float:
-    """Largest absolute difference between ONNX Runtime's and PyTorch's probabilities."""
-    import onnxruntime
+def onnx_max_error(model: PixelClassifier, onnx_path: Path, images: torch.Tensor) -> float | None:
+    """Largest absolute difference between ONNX Runtime's and PyTorch's probabilities; None,
+    with a note, where ONNX Runtime is not installed (the export needs only `onnx`)."""
+    try:
+        import onnxruntime
+    except ImportError as e:
+        print(f"ONNX check skipped ({e}); install the [onnx] extra", file=sys.stderr)
+        return None
 
     session = onnxruntime.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
     x = images.reshape(len(images), -1).float().numpy()
@@ -263,21 +269,13 @@ def crown(
     configs = retrain_configs(study, members)
     numbers = [t.number for t in members]
     name = "-".join(map(str, numbers))
-    client = tracker.client
-    run = client.create_run(
-        tracker.experiment_id,
-        run_name=f"champion-trial{'s' if len(members) > 1 else ''}-{name}",
-        tags={PARENT_TAG: tracker.parent_id, ROLE_TAG: "champion", STUDY_TAG: study.study_name},
-    )
-    run_id = run.info.run_id
-    try:
+    run = tracker.start_run("champion", f"champion-trial{'s' if len(members) > 1 else ''}-{name}")
+    with lifecycle(run):
         params = {"trials": name, "ensemble": len(members), "seeds": seeds}
         for i, config in enumerate(configs):  # one member: its params as they are
             prefix = f"member_{i}." if len(configs) > 1 else ""
             params |= {f"{prefix}{k}": v for k, v in config.to_dict().items()}
-        client.log_batch(
-            run_id, params=[mlflow.entities.Param(k, str(v)) for k, v in params.items()]
-        )
+        run.log_params(params)
         interrupts.check()
         start = time.perf_counter()
         data = load_data(data_dir, device, val_size=0)
@@ -285,7 +283,7 @@ def crown(
         def on_epoch_end(member, epoch, metrics, _model):
             if len(configs) > 1:
                 metrics = {f"member_{member}.{k}": v for k, v in metrics.items() if k != "epoch"}
-            log_epoch(client, run_id, metrics, epoch)
+            run.log_metrics(metrics, step=epoch)
             interrupts.check()
 
         model = retrain(configs, data, device, cuda_graphs, on_epoch_end)
@@ -319,22 +317,21 @@ def crown(
                 "test_accuracy_seed_max": max(spread),
             }
             for offset, accuracy in enumerate(spread):
-                client.log_metric(run_id, "test_accuracy_by_seed", accuracy, step=offset)
-        for k, v in metrics.items():
-            client.log_metric(run_id, k, v)
+                run.log_metrics({"test_accuracy_by_seed": accuracy}, step=offset)
+        run.log_metrics(metrics)
         tracker.log_parent_metrics({"test_accuracy": report["accuracy"]})  # the study's row
-        for digit, acc in enumerate(report["per_class"]):
-            client.log_metric(run_id, f"test_accuracy_class_{digit}", acc)
+        per_class = enumerate(report["per_class"])
+        run.log_metrics({f"test_accuracy_class_{digit}": acc for digit, acc in per_class})
         interrupts.check()
         figures = model_figures(report, images, labels, Path("reports") / study.study_name)
-        client.log_artifacts(run_id, str(figures), "figures")
+        run.log_artifacts(figures, "figures")
         interrupts.check()
         with tempfile.TemporaryDirectory() as tmp:
             report["confusion"].to_csv(f"{tmp}/confusion_matrix.csv")
             Path(tmp, "misclassified_test_indices.json").write_text(
                 json.dumps(report["misclassified"])
             )
-            client.log_artifacts(run_id, tmp, "test")
+            run.log_artifacts(tmp, "test")
         interrupts.check()
 
         meta = {
@@ -352,10 +349,12 @@ def crown(
         }
         out = export_folder(model, meta, images, export_root / study.study_name)
         if (out / "model.onnx").exists():
-            metrics["onnx_max_abs_error"] = onnx_max_error(model, out / "model.onnx", images)
-            client.log_metric(run_id, "onnx_max_abs_error", metrics["onnx_max_abs_error"])
+            error = onnx_max_error(model, out / "model.onnx", images)
+            if error is not None:
+                metrics["onnx_max_abs_error"] = error
+                run.log_metrics({"onnx_max_abs_error": error})
         (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
-        client.log_artifacts(run_id, str(out), "export")
+        run.log_artifacts(out, "export")
         interrupts.check()
 
         tags = {
@@ -366,14 +365,9 @@ def crown(
             "data_digest": data_digest(data_dir),
         }
         description = version_description(tags, configs, metrics["parameters"])
-        version, alias = register(client, register_as, run_id, model, images[:8], tags, description)
-    except KeyboardInterrupt:
-        client.set_terminated(run_id, "KILLED")
-        raise
-    except BaseException:
-        client.set_terminated(run_id, "FAILED")
-        raise
-    client.set_terminated(run_id, "FINISHED")
+        version, alias = register(
+            run.client, register_as, run.run_id, model, images[:8], tags, description
+        )
     what = f"trial {name}" if len(members) == 1 else f"ensemble of trials {name}"
     print(
         f"champion: {what}, {metrics['epochs']} epochs retrained on 60,000 images in "
@@ -388,12 +382,10 @@ def crown(
             f"min {metrics['test_accuracy_seed_min']:.4f}, "
             f"max {metrics['test_accuracy_seed_max']:.4f}"
         )
-    return {**metrics, "version": version, "alias": alias, "export_dir": out, "run_id": run_id}
+    return {**metrics, "version": version, "alias": alias, "export_dir": out, "run_id": run.run_id}
 
 
 def main(argv: list[str] | None = None) -> int:
-    from mnist_search.study import DEFAULT_STORAGE, load_existing_study
-
     p = argparse.ArgumentParser(
         prog="python -m mnist_search.champion",
         description="Retrain a study's best trial (or best trials, as an ensemble) on all "

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 SPACES = ("mlp", "cnn", "all")  # the search spaces of space.py, named here for instant --help
+PRUNERS = ("hyperband", "median", "none")  # how search.py stops trials early
 
 
 def add_device_flags(p: argparse.ArgumentParser) -> None:

@@ -168,25 +168,23 @@ def main(argv: list[str] | None = None) -> int:
     if args.ablation_epochs < 1:
         p.error("--ablation-epochs must be at least 1")
 
-    import mlflow
+    from mlflow import MlflowClient
 
     from mnist_search.data import DataError
-    from mnist_search.tracking import ROLE_TAG, TRAINING_EXPERIMENT
+    from mnist_search.tracking import ROLE_TAG, create_run, experiment_id, lifecycle
 
     try:
         ensure_mnist(args.data_dir)
     except DataError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    paths = explore(args.data_dir, args.out, args.ablation_epochs)
-    if args.tracking_uri:
-        mlflow.set_tracking_uri(args.tracking_uri)
-    if mlflow.get_experiment_by_name("mnist-explore") is None:
-        mlflow.create_experiment("mnist-explore", tags=TRAINING_EXPERIMENT)
-    mlflow.set_experiment("mnist-explore")
-    with mlflow.start_run(run_name="explore", tags={ROLE_TAG: "explore"}):
-        for path in paths:
-            mlflow.log_artifact(str(path))
+    client = MlflowClient(args.tracking_uri)
+    run = create_run(
+        client, experiment_id(client, "mnist-explore"), "explore", {ROLE_TAG: "explore"}
+    )
+    with lifecycle(run):
+        for path in explore(args.data_dir, args.out, args.ablation_epochs):
+            run.log_artifacts(path)
     print((args.out / "summary.md").read_text())
     print(f"figures in {args.out}/ and in MLflow (experiment mnist-explore, run explore)")
     return 0

@@ -11,11 +11,12 @@ import sys
 import warnings
 from pathlib import Path
 
-import matplotlib
+# No matplotlib.use(): the backend is the caller's (a notebook's stays inline). Without a
+# display matplotlib picks Agg by itself, and every figure here is saved and closed, never shown.
+import matplotlib.pyplot as plt
+import numpy as np
 
-matplotlib.use("Agg")  # files only: no display needed
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
+from mnist_search.storage import DEFAULT_STORAGE
 
 
 def save_figure(figure, path: Path, width: float = 8) -> Path:
@@ -100,8 +101,6 @@ def confident_mistakes(images, labels, probs, path: Path, count: int = 24) -> Pa
 
 
 def main(argv: list[str] | None = None) -> int:
-    from mnist_search.study import DEFAULT_STORAGE
-
     p = argparse.ArgumentParser(
         prog="python -m mnist_search.report",
         description="Draw a study's figures and log them to its MLflow parent run.",
@@ -113,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, default=None, help="default: reports/STUDY/figures")
     args = p.parse_args(argv)
 
-    from mnist_search.study import load_existing_study
+    from mnist_search.storage import load_existing_study
     from mnist_search.tracking import StudyTracker, TrackingError
 
     try:

@@ -15,8 +15,9 @@ from mlflow import MlflowClient
 from PIL import Image
 
 from mnist_search import champion, predict
-from mnist_search import study as mstudy
 from mnist_search.data import load_images
+from mnist_search.search import SearchConfig, search
+from mnist_search.storage import open_storage
 from mnist_search.train import TrainConfig, build_model
 from tests.conftest import assert_parent_series, free_port, use_synthetic_mnist, wait_for_http
 
@@ -30,10 +31,12 @@ def crowned(tmp_path_factory):
         mp.chdir(tmp)
         mp.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp}/mlflow.db")
         data_dir = use_synthetic_mnist(mp, tmp / "data")
-        argv = ["--trials", "2", "--epochs", "2", "--data-dir", str(data_dir), "--device", "cpu"]
-        argv += ["--space", "cnn", "--ensemble", "2"]
-        assert mstudy.main(argv + ["--storage", str(tmp / "s.journal")]) == 0
-    storage = mstudy.open_storage(str(tmp / "s.journal"))
+        config = SearchConfig(
+            trials=2, epochs=2, data_dir=data_dir, device="cpu", space="cnn", ensemble=2,
+            storage=str(tmp / "s.journal"),
+        )  # fmt: skip
+        assert search(config).exit_code == 0
+    storage = open_storage(str(tmp / "s.journal"))
     study = optuna.load_study(study_name="mnist-mlp", storage=storage)
     metrics = json.loads((tmp / "exports/mnist-mlp/metrics.json").read_text())
     return tmp, data_dir, study, metrics

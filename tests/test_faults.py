@@ -10,6 +10,7 @@ synthetic data's digests, then calls the real `main`). Bad input tried, per CLI:
   bench:    --samples 10
 """
 
+import dataclasses
 import json
 import os
 import signal
@@ -24,6 +25,8 @@ from mlflow import MlflowClient
 from mnist_search import champion, train
 from mnist_search import data as mdata
 from mnist_search import study as mstudy
+from mnist_search.search import SearchConfig, search
+from mnist_search.storage import open_storage
 from mnist_search.tracking import load_weights
 from tests.conftest import assert_parent_series
 
@@ -55,8 +58,8 @@ def every_worker_gets_a_trial(workers: int) -> str:
     so that every worker does trials however slowly the others start (bounded by 10 min)."""
     return f"""
 import os
-from mnist_search import study as _study
-_make_objective = _study.make_objective
+from mnist_search import search as _search
+_make_objective = _search.make_objective
 def make_objective(*args, **kwargs):
     objective = _make_objective(*args, **kwargs)
     waited = []
@@ -72,7 +75,7 @@ def make_objective(*args, **kwargs):
                 time.sleep(0.2)
         return objective(trial)
     return first_trial_waits_for_all
-_study.make_objective = make_objective
+_search.make_objective = make_objective
 """
 
 
@@ -100,16 +103,17 @@ def start(tmp, data_dir, *flags, champion=False, hooks=""):
     return STARTED[-1]
 
 
-def run_in_process(tmp, data_dir, *flags) -> int:
-    """The same command in this process (quicker to start), on the same stores as `start`."""
-    argv = ["--data-dir", str(data_dir), "--storage", str(tmp / "s.journal"), "--device", "cpu"]
-    return mstudy.main([*argv, "--no-champion", *flags])
+def run_in_process(tmp, data_dir, **settings) -> int:
+    """The same search in this process (quicker to start), on the same stores as `start`."""
+    storage = str(tmp / "s.journal")
+    config = SearchConfig(
+        data_dir=data_dir, storage=storage, device="cpu", champion=False, **settings
+    )
+    return search(config).exit_code
 
 
 def load(tmp):
-    return optuna.load_study(
-        study_name="mnist-mlp", storage=mstudy.open_storage(str(tmp / "s.journal"))
-    )
+    return optuna.load_study(study_name="mnist-mlp", storage=open_storage(str(tmp / "s.journal")))
 
 
 def wait_for(tmp, condition, proc, limit=600):
@@ -154,14 +158,14 @@ def assert_one_to_one(tmp, study):
 @pytest.mark.slow
 def test_kill_9_mid_trial_then_rerun_loses_nothing(in_tmp, synthetic_mnist):
     tmp_path = in_tmp
-    assert run_in_process(tmp_path, synthetic_mnist, "--trials", "1", "--epochs", "2") == 0
+    assert run_in_process(tmp_path, synthetic_mnist, trials=1, epochs=2) == 0
     before = {t.number: t for t in load(tmp_path).trials}
     proc = start(tmp_path, synthetic_mnist, *ENDLESS)
     killed = wait_for(tmp_path, mid_trial, proc).number
     proc.send_signal(signal.SIGKILL)
     proc.wait()
 
-    assert run_in_process(tmp_path, synthetic_mnist, "--trials", "3", "--epochs", "2") == 0
+    assert run_in_process(tmp_path, synthetic_mnist, trials=3, epochs=2) == 0
     study = load(tmp_path)
     finished = [t for t in study.trials if t.state.name in ("COMPLETE", "PRUNED")]
     assert len(finished) == 3
@@ -180,7 +184,7 @@ def test_kill_9_mid_trial_then_rerun_loses_nothing(in_tmp, synthetic_mnist):
 @pytest.mark.slow
 def test_sigint_ends_the_trial_as_interrupted_and_a_rerun_resumes(in_tmp, synthetic_mnist):
     tmp_path = in_tmp
-    assert run_in_process(tmp_path, synthetic_mnist, "--trials", "1", "--epochs", "2") == 0
+    assert run_in_process(tmp_path, synthetic_mnist, trials=1, epochs=2) == 0
     proc = start(tmp_path, synthetic_mnist, *ENDLESS)
     running = wait_for(tmp_path, mid_trial, proc)
     proc.send_signal(signal.SIGINT)
@@ -197,7 +201,7 @@ def test_sigint_ends_the_trial_as_interrupted_and_a_rerun_resumes(in_tmp, synthe
     (parent,) = client.search_runs([exp.experiment_id], "tags.`mnist_search.role` = 'study'")
     assert parent.info.status == "KILLED"
 
-    assert run_in_process(tmp_path, synthetic_mnist, "--trials", "3", "--epochs", "2") == 0
+    assert run_in_process(tmp_path, synthetic_mnist, trials=3, epochs=2) == 0
     study = load(tmp_path)
     assert len([t for t in study.trials if t.state.name in ("COMPLETE", "PRUNED")]) == 3
     assert_one_to_one(tmp_path, study)
@@ -276,9 +280,11 @@ def test_workers_share_one_study_without_losing_or_doubling_trials(tmp_path, syn
 def test_full_disk_while_logging_weights_fails_that_trial_only(
     in_tmp, synthetic_mnist, monkeypatch
 ):
-    argv = ["--data-dir", str(synthetic_mnist), "--storage", str(in_tmp / "s.journal")]
-    argv += ["--no-champion", "--epochs", "2", "--device", "cpu", "--pruner", "none"]
-    assert mstudy.main(argv + ["--trials", "2"]) == 0
+    config = SearchConfig(
+        data_dir=synthetic_mnist, storage=str(in_tmp / "s.journal"), champion=False, epochs=2,
+        device="cpu", pruner="none", trials=2,
+    )  # fmt: skip
+    assert search(config).exit_code == 0
 
     real = MlflowClient.log_artifacts
     calls = []
@@ -290,8 +296,8 @@ def test_full_disk_while_logging_weights_fails_that_trial_only(
         return real(self, run_id, local_dir, artifact_path)
 
     monkeypatch.setattr(MlflowClient, "log_artifacts", full_once)
-    assert mstudy.main(argv + ["--trials", "3"]) == 0
-    storage = mstudy.open_storage(str(in_tmp / "s.journal"))
+    assert search(dataclasses.replace(config, trials=3)).exit_code == 0
+    storage = open_storage(str(in_tmp / "s.journal"))
     study = optuna.load_study(study_name="mnist-mlp", storage=storage)
     assert [t.state.name for t in study.trials] == ["COMPLETE", "COMPLETE", "FAIL", "COMPLETE"]
     failed = study.trials[2]
@@ -317,7 +323,7 @@ def test_corrupted_data_is_refused_before_any_training(in_tmp, synthetic_mnist, 
         (["--epochs", "0"], "--epochs must be at least 1"),
         (["--batch-size", "0"], "--batch-size must be at least 1"),
         (["--dropout", "1.5"], "0 <= --dropout < 1"),
-        (["--device", "tpu"], "unknown device"),
+        (["--device", "tpu"], "unknown --device"),
     ],
 )
 def test_train_cli_rejects_nonsense(argv, message, capsys):
@@ -336,7 +342,7 @@ def test_champion_and_report_need_the_studys_mlflow_run(in_tmp, capsys):
     from mnist_search import report
 
     journal = str(in_tmp / "s.journal")
-    study = optuna.create_study(study_name="bare", storage=mstudy.open_storage(journal))
+    study = optuna.create_study(study_name="bare", storage=open_storage(journal))
     study.add_trial(optuna.trial.create_trial(params={}, distributions={}, value=0.5))
     argv = [
         "--study-name",
@@ -353,12 +359,9 @@ def test_champion_and_report_need_the_studys_mlflow_run(in_tmp, capsys):
         assert "no MLflow parent run for study 'bare'" in capsys.readouterr().err
 
 
-def test_workers_flag_and_bench_reject_nonsense(capsys):
+def test_bench_rejects_nonsense(capsys):
     from mnist_search import bench
 
-    with pytest.raises(SystemExit) as exit_:
-        mstudy.main(["--workers", "0"])
-    assert exit_.value.code == 2
     with pytest.raises(SystemExit) as exit_:
         bench.main(["--samples", "10"])
     assert exit_.value.code == 2 and "--samples" in capsys.readouterr().err

@@ -7,24 +7,31 @@ import optuna
 import pytest
 from mlflow import MlflowClient
 
+from mnist_search import objective as mobjective
 from mnist_search import study as mstudy
 from mnist_search.data import load_data
 from mnist_search.model import training_flops_per_sample
+from mnist_search.objective import make_objective
+from mnist_search.search import PARENT_ATTR, BadInput, SearchConfig, open_study, run_trials, search
 from mnist_search.space import config_from_params
+from mnist_search.storage import open_storage
+from mnist_search.summary import progress_points
 from mnist_search.tracking import StudyTracker, load_weights
 from mnist_search.train import TrainConfig, build_model, evaluate
 from tests.conftest import assert_parent_series
 
 
-def run(in_tmp, data_dir, *flags):
-    return mstudy.main(
-        ["--data-dir", str(data_dir), "--storage", str(in_tmp / "study.journal"),
-         "--device", "cpu", "--no-champion", "--epochs", "2", *flags]
-    )  # fmt: skip
+def run(in_tmp, data_dir, **settings) -> int:
+    """The search as a notebook calls it: a config, no champion, two epochs per trial."""
+    storage = str(in_tmp / "study.journal")
+    config = SearchConfig(
+        data_dir=data_dir, storage=storage, device="cpu", champion=False, epochs=2, **settings
+    )
+    return search(config).exit_code
 
 
 def load(in_tmp, name="mnist-mlp"):
-    storage = mstudy.open_storage(str(in_tmp / "study.journal"))
+    storage = open_storage(str(in_tmp / "study.journal"))
     return optuna.load_study(study_name=name, storage=storage)
 
 
@@ -43,7 +50,7 @@ def test_every_trial_is_a_child_run_with_metrics_and_weights(in_tmp, synthetic_m
         return optimize(self, *args, **kwargs)
 
     monkeypatch.setattr(optuna.study.Study, "optimize", spy)
-    assert run(in_tmp, synthetic_mnist, "--trials", "3") == 0
+    assert run(in_tmp, synthetic_mnist, trials=3) == 0
     assert pruners == ["HyperbandPruner"] * 3
     study, client = load(in_tmp), MlflowClient()
     exp = client.get_experiment_by_name("mnist-mlp")
@@ -100,7 +107,7 @@ def test_the_parent_series_is_final_whichever_worker_logs_it_and_in_whatever_ord
 
     def log_all():
         for worker in workers:
-            worker.log_parent_series(mstudy.progress_points(study))
+            worker.log_parent_series(progress_points(study))
 
     trials = [study.ask() for _ in range(5)]
     study.tell(trials[1], 0.90)
@@ -124,10 +131,10 @@ def test_the_parent_series_is_final_whichever_worker_logs_it_and_in_whatever_ord
 
 def test_rerun_with_more_trials_continues_the_same_study(in_tmp, synthetic_mnist, capsys):
     handlers = [signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)]
-    assert run(in_tmp, synthetic_mnist, "--trials", "3") == 0
+    assert run(in_tmp, synthetic_mnist, trials=3) == 0
     # a library call: the study's Ctrl-C / SIGTERM handlers did not outlive it
     assert [signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)] == handlers
-    assert run(in_tmp, synthetic_mnist, "--trials", "5") == 0
+    assert run(in_tmp, synthetic_mnist, trials=5) == 0
     study = load(in_tmp)
     assert [t.number for t in study.trials] == [0, 1, 2, 3, 4]
     params = [t.params for t in study.trials]
@@ -137,9 +144,8 @@ def test_rerun_with_more_trials_continues_the_same_study(in_tmp, synthetic_mnist
     exp = client.get_experiment_by_name("mnist-mlp")
     assert len(client.search_runs([exp.experiment_id], "tags.`mnist_search.role` = 'study'")) == 1
     # resuming in another space is refused, naming the flag to pass; nothing recorded changes
-    with pytest.raises(SystemExit) as exit_:
-        run(in_tmp, synthetic_mnist, "--trials", "6", "--space", "cnn")
-    assert exit_.value.code == 2 and "pass --space mlp" in capsys.readouterr().err
+    with pytest.raises(BadInput, match="pass --space mlp"):
+        run(in_tmp, synthetic_mnist, trials=6, space="cnn")
     assert len(load(in_tmp).trials) == 5 and len(trial_runs(client)) == 5
 
 
@@ -147,7 +153,7 @@ def test_pruned_and_failed_trials_are_recorded_as_such(in_tmp, synthetic_mnist):
     tracker = StudyTracker("prune-test")
     tracker.create_parent({})
     data = load_data(synthetic_mnist)
-    objective = mstudy.make_objective(data, "cpu", epochs=3, seed=0, tracker=tracker)
+    objective = make_objective(data, "cpu", epochs=3, seed=0, tracker=tracker)
     # a pruner that prunes everything after the first epoch
     study = optuna.create_study(direction="maximize", pruner=optuna.pruners.ThresholdPruner(2.0))
     study.optimize(objective, n_trials=1)
@@ -168,27 +174,51 @@ def test_pruned_and_failed_trials_are_recorded_as_such(in_tmp, synthetic_mnist):
     assert "loss became" in failed_run.data.tags["fail_reason"]
 
 
+STUDY_ERROR = "python -m mnist_search.study: error: "
+
+
 @pytest.mark.parametrize(
     "flags, message",
     [
-        (["--trials", "0"], "--trials, --epochs and --workers must be at least 1"),
-        (["--epochs", "-1"], "--trials, --epochs and --workers must be at least 1"),
-        (["--device", "tpu"], "unknown device"),
-        (["--storage", "nosuchdb://x/y"], "cannot open --storage"),
-        (["--storage", "sqlite:////no/such/folder/x.db"], "cannot open --storage"),
-        (["--storage", "/no/such/folder/study.journal"], "cannot open --storage"),
-        (["--tracking-uri", "http://127.0.0.1:9"], "cannot use the MLflow"),
-        (["--tracking-uri", "./mlruns"], "cannot use the MLflow"),
-        (["--timeout", "0"], "--timeout must be positive"),
+        (["--trials", "0"], "--trials must be at least 1"),
+        (["--trials", "x"], "argument --trials: invalid int value: 'x'"),
+        (["--epochs", "-1"], "--epochs must be at least 1"),
+        (["--workers", "0"], "--workers must be at least 1"),
+        (["--ensemble", "0"], "--ensemble must be at least 1"),
+        (["--seeds", "0", "--trials", "0"], "--trials and --seeds must be at least 1"),
+        (["--timeout", "0"], "--timeout must be positive, not 0"),
+        (["--space", "rnn"], "argument --space: invalid choice: 'rnn'"),
+        (["--pruner", "asha"], "argument --pruner: invalid choice: 'asha'"),
+        (["--seed", "1.5"], "argument --seed: invalid int value: '1.5'"),
+        (["--study-name="], "--study-name is empty; give it a name"),
+        (["--register-as", " "], "--register-as is empty; give it a name"),
+        (["--storage="], "--storage is empty; give it a name"),
+        (["--device", "tpu"], "unknown --device 'tpu'; use auto, cpu or cuda"),
+        (["--storage", "nosuchdb://x/y"], "cannot use --storage 'nosuchdb://x/y': cannot connect"),
+        (["--storage", "sqlite:////no/such/folder/x.db"], "cannot use --storage 'sqlite:////no/"),
+        (["--storage", "/no/such/folder/study.journal"], "cannot use --storage '/no/such/folder/"),
+        (["--storage", "sub"], "cannot use --storage 'sub': sub is a folder; give a journal"),
+        (["--storage", "sqlite:///sub"], "cannot use --storage 'sqlite:///sub': sub is a folder"),
+        (["--tracking-uri", "http://127.0.0.1:9"], "cannot use the MLflow tracking store"),
+        (["--tracking-uri", "./mlruns"], "cannot use the MLflow tracking store './mlruns'"),
+        (
+            ["--storage", "sqlite:///o.db", "--tracking-uri", "http://127.0.0.1:9"],
+            "cannot use the MLflow tracking store 'http://127.0.0.1:9'",
+        ),
+        (["--data-dir", "file"], "--data-dir file is a file; give the folder MNIST lives in"),
     ],
 )
 def test_bad_flags_exit_2_with_a_message_and_create_nothing(in_tmp, flags, message, capsys):
+    (in_tmp / "sub").mkdir()  # a folder where a file is due
+    (in_tmp / "file").write_text("")  # a file where a folder is due
     before = set(in_tmp.iterdir())
     with pytest.raises(SystemExit) as exit_:
         mstudy.main(["--no-champion", *flags])
     assert exit_.value.code == 2
-    assert message in capsys.readouterr().err
-    assert set(in_tmp.iterdir()) == before
+    error = capsys.readouterr().err.strip().splitlines()[-1]  # not argparse's usage line
+    assert error.startswith(STUDY_ERROR + message)
+    assert any(f.split("=")[0] in error for f in flags if f.startswith("--"))  # names its flag
+    assert set(in_tmp.iterdir()) == before  # nothing created
 
 
 def test_help_is_instant():
@@ -214,7 +244,7 @@ def test_a_pruned_trial_whose_weights_cannot_be_saved_fails_with_the_reason(
 ):
     tracker = StudyTracker("prune-full-disk")
     tracker.create_parent({})
-    objective = mstudy.make_objective(load_data(synthetic_mnist), "cpu", 3, 0, tracker)
+    objective = make_objective(load_data(synthetic_mnist), "cpu", 3, 0, tracker)
 
     def full(self, run_id, local_dir, artifact_path=None):
         raise OSError(28, "No space left on device")
@@ -247,15 +277,13 @@ def test_workers_released_together_on_the_last_place_train_one_trial(
     }[kind]()
     budget, workers = 3, 3
     NOP = optuna.pruners.NopPruner()
-    study = mstudy.open_study(
-        "race", mstudy.open_storage(url), NOP, 0, StudyTracker("race"), {"kind": kind}
-    )
+    study = open_study("race", open_storage(url), NOP, 0, StudyTracker("race"), {"kind": kind})
     for value in (0.5, 0.6):  # two finished trials: one place left
         study.add_trial(optuna.trial.create_trial(params={}, distributions={}, value=value))
 
     saw_a_free_place = threading.Barrier(workers, timeout=300)  # timeouts bound hangs only
     all_trials_exist = threading.Barrier(workers, timeout=300)
-    optimize, places_taken_before = optuna.study.Study.optimize, mstudy.places_taken_before
+    optimize, places_taken_before = optuna.study.Study.optimize, mobjective.places_taken_before
     calls = []
 
     def optimize_together(self, *args, **kwargs):
@@ -268,19 +296,18 @@ def test_workers_released_together_on_the_last_place_train_one_trial(
         return places_taken_before(trial)
 
     monkeypatch.setattr(optuna.study.Study, "optimize", optimize_together)
-    monkeypatch.setattr(mstudy, "places_taken_before", count_together)
+    monkeypatch.setattr(mobjective, "places_taken_before", count_together)
     data = load_data(synthetic_mnist)
     codes = {}
 
     def worker(i: int):
-        storage = mstudy.open_storage(url)
+        storage = open_storage(url)
         tracker = StudyTracker("race")
-        tracker.parent_id = study.user_attrs[mstudy.PARENT_ATTR]
+        tracker.parent_id = study.user_attrs[PARENT_ATTR]
         mine = optuna.load_study(study_name="race", storage=storage, pruner=NOP)
-        argv = ["--study-name", "race", "--trials", str(budget), "--epochs", "2"]
-        args = mstudy.build_parser().parse_args([*argv, "--worker-id", str(i)])
+        config = SearchConfig(study_name="race", trials=budget, epochs=2, worker_id=i)
         try:
-            codes[i] = mstudy.run_study(args, mine, storage, tracker, data, "cpu")
+            codes[i] = run_trials(config, mine, storage, tracker, data, "cpu")
         except BaseException as e:  # noqa: BLE001 - reported below, with the worker
             codes[i] = e
 
@@ -292,7 +319,7 @@ def test_workers_released_together_on_the_last_place_train_one_trial(
     assert codes == dict.fromkeys(range(workers), 0)
     assert len(calls) == workers  # one trial each: the loop's check stopped them afterwards
 
-    trials = optuna.load_study(study_name="race", storage=mstudy.open_storage(url)).trials
+    trials = optuna.load_study(study_name="race", storage=open_storage(url)).trials
     assert [t.state.name for t in trials] == ["COMPLETE"] * budget + ["FAIL"] * (workers - 1)
     assert not trials[2].user_attrs.get("over_budget")  # the first new trial took the place
     client = MlflowClient()

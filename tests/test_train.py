@@ -103,7 +103,7 @@ def test_pixel_classifier_equals_manual_preprocessing():
 
 def test_devices():
     assert resolve_device("cpu").type == "cpu"
-    with pytest.raises(ValueError, match="unknown device"):
+    with pytest.raises(ValueError, match="unknown --device"):
         resolve_device("tpu")
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match="no CUDA GPU"):

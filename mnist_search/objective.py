@@ -1,0 +1,117 @@
+"""The objective: a trial's config from the search space, plain `fit`, and the trial's MLflow run.
+
+Pruning and logging reach `fit` through its epoch hook; how the run ends (FINISHED, KILLED for a
+pruned or interrupted trial, FAILED) is `tracking.lifecycle`'s decision. A trial that starts
+beyond the budget is given back before training.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+
+import optuna
+
+from mnist_search import interrupts
+from mnist_search.model import training_flops_per_sample
+from mnist_search.space import suggest_config
+from mnist_search.tracking import lifecycle
+from mnist_search.train import build_model, fit
+
+OVER_BUDGET = "over_budget"  # trial user attribute: given back before training
+
+
+class OverBudget(Exception):
+    """Raised by the objective for a trial that found the budget taken: it ends as FAIL."""
+
+    def __init__(self, number: int, reason: str):
+        super().__init__(reason)
+        self.number = number
+
+
+def places_taken_before(trial: optuna.Trial) -> int:
+    """Trials numbered before `trial` that are finished (complete or pruned) or running.
+
+    Every storage numbers trials in one order that all workers see: the journal is one
+    append-only log, and an RDB storage locks the study's row while it numbers a new trial. So
+    once a trial exists, every trial numbered before it is visible to its worker, and workers
+    that all created a trial at the same moment agree on which ones came first."""
+    from optuna.trial import TrialState
+
+    states = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING)
+    earlier = trial.study.get_trials(deepcopy=False, states=states)
+    return sum(t.number < trial.number for t in earlier)
+
+
+def make_objective(
+    data,
+    device,
+    epochs: int,
+    seed: int,
+    tracker,
+    cuda_graphs: bool = True,
+    budget: int | None = None,
+    space: str = "mlp",
+):
+    """The objective: config from the `space`, plain `fit`, with pruning and logging in the hook.
+    With a `budget`, a trial that finds `budget` earlier trials finished or running is given
+    back before training: FAIL with the user attribute `over_budget`, its run KILLED with
+    `optuna_state=OVER_BUDGET`. So the study never has more than `budget` finished trials, however
+    many workers on however many machines asked for the last place at the same moment."""
+
+    def give_back(trial: optuna.Trial, taken: int) -> None:
+        reason = (
+            f"over budget: {taken} earlier trials already finished or running fill "
+            f"--trials {budget}; given back before training"
+        )
+        trial.set_user_attr(OVER_BUDGET, True)
+        trial.set_user_attr("fail_reason", reason)
+        run = tracker.start_trial(trial.number, {})
+        trial.set_user_attr("mlflow_run_id", run.run_id)
+        with lifecycle(run, {OverBudget: "OVER_BUDGET"}):
+            raise OverBudget(trial.number, reason)
+
+    def train(trial: optuna.Trial, config, run) -> float:
+        start = time.perf_counter()
+
+        def on_epoch_end(epoch, metrics, model) -> bool:
+            run.log_metrics(metrics, step=epoch)
+            trial.report(metrics["val_accuracy"], epoch)
+            interrupts.check()  # a Ctrl-C or SIGTERM received since the last check stops here
+            return trial.should_prune()
+
+        interrupts.check()  # one that came while the trial was set up: no epoch trained
+        result = fit(config, data, device, on_epoch_end, cuda_graphs)
+        # When training ended: the time of the trial's point on the parent run, the same for
+        # every worker that logs it (see `summary.progress_points`).
+        trial.set_user_attr("end_ms", int(time.time() * 1000))
+        trained = len(result.history)
+        meta = {"config": config.to_dict(), "mean": data.mean, "std": data.std}
+        run.log_weights(result.model.state_dict(), {**meta, "epochs_trained": trained})
+        trial.set_user_attr("epochs_trained", trained)
+        value = max(m["val_accuracy"] for m in result.history)
+        run.summary["best_val_accuracy"] = value
+        if result.stopped:
+            raise optuna.TrialPruned(f"pruned after epoch {trained}")
+        trial.set_user_attr("best_epoch", result.best_epoch)
+        seconds = time.perf_counter() - start
+        trial.set_user_attr("tracking_fraction", run.tracking_seconds / seconds)
+        return value
+
+    def objective(trial: optuna.Trial) -> float:
+        trial.set_user_attr("host", socket.gethostname())
+        trial.set_user_attr("pid", os.getpid())
+        if budget is not None and (taken := places_taken_before(trial)) >= budget:
+            give_back(trial, taken)
+        config = suggest_config(trial, epochs, seed, space)
+        flops = training_flops_per_sample(build_model(config))  # the trial's cost, comparable
+        trial.set_user_attr("flops_per_sample", flops)  # across families (as bench counts it)
+        params = {**trial.params, "family": config.family, "flops_per_sample": flops}
+        run = tracker.start_trial(trial.number, params)
+        trial.set_user_attr("mlflow_run_id", run.run_id)
+        failed = lambda reason: trial.set_user_attr("fail_reason", reason)  # noqa: E731
+        with lifecycle(run, {optuna.TrialPruned: "PRUNED"}, on_failure=failed):
+            return train(trial, config, run)
+
+    return objective

@@ -1,0 +1,69 @@
+"""Where Optuna keeps studies: check a `--storage` value, open it, load a study from it.
+
+A journal file (the default; safe for workers on one machine) or an RDB URL (sqlite:///...,
+postgresql://...: workers on many machines). `check_storage` finds what is wrong with a value
+without creating anything, so that a bad flag leaves no file behind. Imports nothing else of
+the package: every command that reads a study stands on it.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+DEFAULT_STORAGE = "optuna-journal.log"
+SQLITE = "sqlite:///"
+
+
+def _check_file(path: Path, what: str) -> None:
+    if path.is_dir():
+        raise ValueError(f"{path} is a folder; give a {what} inside it, e.g. {path / 'study.db'}")
+    if not path.resolve().parent.is_dir():
+        raise ValueError(f"the {what}'s folder {path.resolve().parent} does not exist; create it")
+
+
+def check_storage(url: str) -> None:
+    """ValueError naming what is wrong with `url`, if anything; creates nothing. A server URL
+    is checked by connecting to it (an empty database is fine: Optuna adds its tables)."""
+    if not url:
+        raise ValueError("the storage is empty; give a journal file path or an RDB URL")
+    if "://" not in url:
+        _check_file(Path(url), "journal file")
+    elif url.startswith(SQLITE):
+        _check_file(Path(url[len(SQLITE) :]), "SQLite file")
+    else:
+        import sqlalchemy
+
+        try:
+            engine = sqlalchemy.create_engine(url)
+            try:
+                with engine.connect():
+                    pass
+            finally:
+                engine.dispose()
+        except Exception as e:  # noqa: BLE001 - SQLAlchemy and its drivers raise many kinds
+            raise ValueError(f"cannot connect: {type(e).__name__}: {str(e)[:300]}") from None
+
+
+def open_storage(url: str):
+    """An Optuna storage from an RDB URL or a journal-file path (created if need be)."""
+    import optuna
+    from optuna.storages.journal import JournalFileBackend, JournalStorage
+
+    if "://" in url:  # the heartbeat fails trials of workers that died on any host
+        return optuna.storages.RDBStorage(url, heartbeat_interval=30, grace_period=120)
+    return JournalStorage(JournalFileBackend(url))
+
+
+def load_existing_study(name: str, url: str):
+    """A study that a former `study` command made, or ValueError naming what is missing."""
+    import optuna
+
+    check_storage(url)
+    if "://" not in url and not Path(url).exists():
+        raise ValueError(f"no study storage at {url}; run the study first, or pass --storage")
+    if url.startswith(SQLITE) and not Path(url[len(SQLITE) :]).exists():
+        raise ValueError(f"no study storage at {url}; run the study first, or pass --storage")
+    try:
+        return optuna.load_study(study_name=name, storage=open_storage(url))
+    except KeyError:
+        raise ValueError(f"no study {name!r} in {url}; run the study first") from None
