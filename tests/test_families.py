@@ -1,6 +1,7 @@
 """The model families, augmentation and the ensemble: tiny synthetic data, CPU, seconds."""
 
 import dataclasses
+import sys
 
 import optuna
 import pytest
@@ -78,6 +79,14 @@ def test_onnx_matches_pytorch(kind, tmp_path):
     images = synthetic_images(64, seed=1)[0].reshape(64, 784)  # as crown exports: (N, 784)
     out = export_folder(model, {"kind": kind}, images, tmp_path / kind)
     assert onnx_max_error(model, out / "model.onnx", images) < 1e-5
+
+
+def test_without_onnxruntime_the_onnx_check_is_skipped_with_a_note(tmp_path, monkeypatch, capsys):
+    """`onnx` exports; only the check needs `onnxruntime`: a crown without it goes on."""
+    model = PixelClassifier([build_model(TrainConfig(hidden=(8,)))], mean=0.13, std=0.31).eval()
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)  # its import now raises ImportError
+    assert onnx_max_error(model, tmp_path / "model.onnx", torch.zeros(2, 784)) is None
+    assert "ONNX check skipped" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("space", ["cnn", "all"])

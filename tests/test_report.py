@@ -1,5 +1,8 @@
 """Every figure function on tiny synthetic data writes a valid, non-empty PNG."""
 
+import subprocess
+import sys
+
 import numpy as np
 import optuna
 import torch
@@ -51,6 +54,24 @@ def test_study_figures(tmp_path):
     }
     for path in paths:
         assert_png(path)
+
+
+def test_drawing_figures_leaves_the_callers_backend_alone(tmp_path):
+    """A notebook's inline backend stays inline after the package draws (in a fresh process:
+    a backend set at import time would hide behind an import made by an earlier test)."""
+    probe = f"""
+import matplotlib
+matplotlib.use("module://matplotlib_inline.backend_inline")
+import optuna
+from pathlib import Path
+from mnist_search import report, search
+study = optuna.create_study(direction="maximize")
+study.optimize(lambda t: t.suggest_float("lr", 0, 1) + t.suggest_int("batch_size", 1, 2), 4)
+print(len(report.study_figures(study, Path({str(tmp_path)!r}))), matplotlib.get_backend())
+"""
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["5", "module://matplotlib_inline.backend_inline"]
 
 
 def test_model_figures(tmp_path):
