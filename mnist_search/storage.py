@@ -59,10 +59,12 @@ def load_existing_study(name: str, url: str):
     import optuna
 
     check_storage(url)
-    if "://" not in url and not Path(url).exists():
-        raise ValueError(f"no study storage at {url}; run the study first, or pass --storage")
-    if url.startswith(SQLITE) and not Path(url[len(SQLITE) :]).exists():
-        raise ValueError(f"no study storage at {url}; run the study first, or pass --storage")
+    path = Path(url[len(SQLITE) :] if url.startswith(SQLITE) else url)
+    if ("://" not in url or url.startswith(SQLITE)) and not path.exists():
+        raise ValueError(
+            f"no study {name!r}: --storage {url} does not exist; run the study first, or pass "
+            "the --storage it used"
+        )
     try:
         return optuna.load_study(study_name=name, storage=open_storage(url))
     except KeyError:

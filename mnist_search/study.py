@@ -102,7 +102,9 @@ def main(argv: list[str] | None = None) -> int:
     flags = vars(args)
     flags["champion"] = not flags.pop("no_champion")
     try:
-        result = search(SearchConfig(**flags), launcher=launcher() if argv is None else None)
+        result = search(
+            SearchConfig(**flags), launcher=launcher() if argv in (None, sys.argv[1:]) else None
+        )
     except BadInput as e:
         parser.error(str(e))
     except DataError as e:
@@ -112,8 +114,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def launcher() -> list[str]:
-    """How this process was started (`python -m mnist_search.study`, or a script), so that
-    worker processes start the same way."""
+    """How this process was started (`python -m mnist_search.study`, or a script that calls
+    `main` with the command line's flags), so that worker processes start the same way."""
     return [sys.executable, *sys.orig_argv[1 : len(sys.orig_argv) - len(sys.argv) + 1]]
 
 
