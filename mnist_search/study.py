@@ -559,6 +559,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from mnist_search import data as mdata
+    from mnist_search import fetch
     from mnist_search.tracking import StudyTracker, TrackingError
     from mnist_search.train import resolve_device
 
@@ -578,10 +579,10 @@ def main(argv: list[str] | None = None) -> int:
         tracker = StudyTracker(args.study_name, args.tracking_uri)
     except TrackingError as e:
         parser.error(str(e))
-    data_dir = args.data_dir or mdata.default_data_dir()
+    data_dir = args.data_dir or fetch.default_data_dir()
     try:
-        mdata.ensure_mnist(data_dir)
-    except mdata.DataError as e:
+        fetch.ensure_mnist(data_dir)
+    except fetch.DataError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     storage = storage or open_storage(args.storage)
@@ -595,7 +596,7 @@ def main(argv: list[str] | None = None) -> int:
         "sampler": "TPESampler",
         "pruner": f"{args.pruner}: {type(pruner).__name__}",
         "objective": "max validation accuracy over epochs",
-        "data_digest": mdata.data_digest(data_dir),
+        "data_digest": fetch.data_digest(data_dir),
         "val_size": mdata.VAL_SIZE,
         "torch": torch.__version__,
         "optuna": optuna.__version__,

@@ -16,7 +16,7 @@ from PIL import Image
 
 from mnist_search import champion, predict
 from mnist_search import study as mstudy
-from mnist_search.data import load_images
+from mnist_search.fetch import load_images
 from mnist_search.train import TrainConfig, build_model
 from tests.conftest import assert_parent_series, free_port, use_synthetic_mnist, wait_for_http
 
