@@ -16,7 +16,7 @@ import urllib.request
 import mlflow
 import numpy as np
 
-from mnist_search.data import default_data_dir, load_images
+from mnist_search.fetch import default_data_dir, load_images
 
 URI = "models:/mnist-mlp@champion"
 PORT = 5077

@@ -22,7 +22,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from mnist_search.data import Data, Split, default_data_dir, ensure_mnist, load_data
+from mnist_search.data import Data, Split, load_data
+from mnist_search.fetch import default_data_dir, ensure_mnist
 from mnist_search.model import MLP, training_flops_per_sample
 from mnist_search.train import TrainConfig, build_model, fit, resolve_device
 

@@ -26,7 +26,8 @@ from mlflow import MlflowClient
 
 from mnist_search import interrupts
 from mnist_search.cli import add_champion_flags, add_device_flags, check_champion_flags
-from mnist_search.data import data_digest, load_data, load_images
+from mnist_search.data import load_data
+from mnist_search.fetch import data_digest, load_images
 from mnist_search.model import PixelClassifier, training_flops_per_sample
 from mnist_search.space import config_from_params, study_space
 from mnist_search.storage import DEFAULT_STORAGE, load_existing_study
@@ -401,7 +402,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     check_champion_flags(p, args)
 
-    from mnist_search.data import default_data_dir
+    from mnist_search.fetch import default_data_dir
     from mnist_search.tracking import StudyTracker, TrackingError
     from mnist_search.train import resolve_device
 

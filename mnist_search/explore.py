@@ -13,16 +13,8 @@ from pathlib import Path
 import torch
 
 from mnist_search import data as mdata
-from mnist_search.data import (
-    SPLIT_SEED,
-    Data,
-    Split,
-    default_data_dir,
-    ensure_mnist,
-    load_images,
-    pixel_stats,
-    stratified_split,
-)
+from mnist_search.data import SPLIT_SEED, Data, Split, pixel_stats, stratified_split
+from mnist_search.fetch import DataError, default_data_dir, ensure_mnist, load_images
 from mnist_search.report import plt, save_figure
 
 
@@ -170,7 +162,6 @@ def main(argv: list[str] | None = None) -> int:
 
     from mlflow import MlflowClient
 
-    from mnist_search.data import DataError
     from mnist_search.tracking import ROLE_TAG, create_run, experiment_id, lifecycle
 
     try:

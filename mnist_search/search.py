@@ -23,7 +23,8 @@ import torch
 from mnist_search import interrupts, workers
 from mnist_search.champion import crown
 from mnist_search.cli import PRUNERS, SPACES
-from mnist_search.data import VAL_SIZE, data_digest, default_data_dir, ensure_mnist, load_data
+from mnist_search.data import VAL_SIZE, load_data
+from mnist_search.fetch import data_digest, default_data_dir, ensure_mnist
 from mnist_search.objective import OVER_BUDGET, OverBudget, make_objective
 from mnist_search.report import study_figures
 from mnist_search.space import study_space

@@ -96,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     # the heavy imports only now that the flags parse, so that --help is instant
-    from mnist_search.data import DataError
+    from mnist_search.fetch import DataError
     from mnist_search.search import BadInput, SearchConfig, search
 
     flags = vars(args)

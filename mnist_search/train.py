@@ -256,7 +256,8 @@ def main(argv: list[str] | None = None) -> int:
     from pathlib import Path
 
     from mnist_search.cli import add_device_flags
-    from mnist_search.data import DataError, default_data_dir, ensure_mnist, load_data, load_test
+    from mnist_search.data import load_data, load_test
+    from mnist_search.fetch import DataError, default_data_dir, ensure_mnist
 
     defaults = TrainConfig()
     p = argparse.ArgumentParser(

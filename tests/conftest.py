@@ -18,6 +18,7 @@ import pytest
 import torch
 
 from mnist_search import data as mdata
+from mnist_search import fetch
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -34,19 +35,19 @@ def synthetic_images(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 def write_synthetic_mnist(data_dir: Path) -> dict[str, str]:
     """600 train / 200 test fake images in torchvision's layout; returns their digests."""
-    raw = mdata.raw_dir(data_dir)
+    raw = fetch.raw_dir(data_dir)
     raw.mkdir(parents=True)
     for prefix, n, seed in (("train", 600, 0), ("t10k", 200, 1)):
         images, labels = synthetic_images(n, seed)
-        mdata.write_idx(raw / f"{prefix}-images-idx3-ubyte", images)
-        mdata.write_idx(raw / f"{prefix}-labels-idx1-ubyte", labels)
-    return {name: mdata.sha256_file(raw / name) for name in mdata.OFFICIAL_SHA256}
+        fetch.write_idx(raw / f"{prefix}-images-idx3-ubyte", images)
+        fetch.write_idx(raw / f"{prefix}-labels-idx1-ubyte", labels)
+    return {name: fetch.sha256_file(raw / name) for name in fetch.OFFICIAL_SHA256}
 
 
 def use_synthetic_mnist(monkeypatch, data_dir: Path) -> Path:
     """Let the synthetic files' digests stand in for the official ones, so the real
     verification and torchvision loading paths run on them."""
-    monkeypatch.setattr(mdata, "OFFICIAL_SHA256", write_synthetic_mnist(data_dir))
+    monkeypatch.setattr(fetch, "OFFICIAL_SHA256", write_synthetic_mnist(data_dir))
     monkeypatch.setattr(mdata, "VAL_SIZE", 100)
     return data_dir
 
@@ -60,7 +61,7 @@ def synthetic_mnist(tmp_path, monkeypatch) -> Path:
 def real_mnist() -> Path:
     """The real MNIST through the real fetch path, cached in ./data between runs."""
     data_dir = REPO / "data"
-    mdata.ensure_mnist(data_dir)
+    fetch.ensure_mnist(data_dir)
     return data_dir
 
 

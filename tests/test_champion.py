@@ -15,7 +15,7 @@ from mlflow import MlflowClient
 from PIL import Image
 
 from mnist_search import champion, predict
-from mnist_search.data import load_images
+from mnist_search.fetch import load_images
 from mnist_search.search import SearchConfig, search
 from mnist_search.storage import open_storage
 from mnist_search.train import TrainConfig, build_model

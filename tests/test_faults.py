@@ -22,8 +22,7 @@ import optuna
 import pytest
 from mlflow import MlflowClient
 
-from mnist_search import champion, train
-from mnist_search import data as mdata
+from mnist_search import champion, fetch, train
 from mnist_search import study as mstudy
 from mnist_search.search import SearchConfig, search
 from mnist_search.storage import open_storage
@@ -39,8 +38,8 @@ import time
 # (a background job of a script inherits SIGINT ignored, and the study keeps it ignored).
 signal.signal(signal.SIGINT, signal.default_int_handler)
 signal.signal(signal.SIGTERM, signal.SIG_DFL)
-from mnist_search import data
-data.OFFICIAL_SHA256 = {digests!r}
+from mnist_search import data, fetch
+fetch.OFFICIAL_SHA256 = {digests!r}
 data.VAL_SIZE = 100
 {hooks}
 from mnist_search.study import main
@@ -50,7 +49,7 @@ sys.exit(main(sys.argv[1:]))
 
 def wrapper(hooks: str = "") -> str:
     """The study's command for the synthetic data, with `hooks` run before it starts."""
-    return WRAPPER.format(digests=mdata.OFFICIAL_SHA256, hooks=hooks)
+    return WRAPPER.format(digests=fetch.OFFICIAL_SHA256, hooks=hooks)
 
 
 def every_worker_gets_a_trial(workers: int) -> str:
@@ -309,7 +308,7 @@ def test_full_disk_while_logging_weights_fails_that_trial_only(
 
 
 def test_corrupted_data_is_refused_before_any_training(in_tmp, synthetic_mnist, capsys):
-    path = mdata.raw_dir(synthetic_mnist) / "t10k-images-idx3-ubyte"
+    path = fetch.raw_dir(synthetic_mnist) / "t10k-images-idx3-ubyte"
     path.write_bytes(path.read_bytes()[:-100])  # truncated
     argv = ["--data-dir", str(synthetic_mnist), "--storage", str(in_tmp / "s.journal")]
     assert mstudy.main(argv + ["--no-champion", "--trials", "1"]) == 1
