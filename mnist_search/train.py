@@ -101,7 +101,7 @@ def resolve_device(name: str) -> torch.device:
     if name == "cuda" and not torch.cuda.is_available():
         raise ValueError("--device cuda asked for, but no CUDA GPU is visible; use cpu or auto")
     if name not in ("cpu", "cuda"):
-        raise ValueError(f"unknown device {name!r}; use auto, cpu or cuda")
+        raise ValueError(f"unknown device {name!r} for --device; use auto, cpu or cuda")
     return torch.device(name)
 
 
@@ -250,43 +250,88 @@ def fit(
 
 
 def main(argv: list[str] | None = None) -> int:
-    from pathlib import Path
-
-    from mnist_search.cli import add_device_flags
-    from mnist_search.data import DataError, default_data_dir, ensure_mnist, load_data, load_test
+    from mnist_search.cli import HelpFormatter, add_data_dir_flag, add_device_flags, check_folder
 
     defaults = TrainConfig()
     p = argparse.ArgumentParser(
         prog="python -m mnist_search.train",
         description="Train one MLP on MNIST (50,000 train / 10,000 validation) and report "
         "validation and test accuracy: the baseline.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
     )
-    p.add_argument("--hidden", type=int, nargs="+", default=list(defaults.hidden))
-    p.add_argument("--dropout", type=float, default=defaults.dropout)
-    p.add_argument("--activation", choices=CHOICES["activation"], default=defaults.activation)
-    p.add_argument("--optimizer", choices=CHOICES["optimizer"], default=defaults.optimizer)
-    p.add_argument("--lr", type=float, default=defaults.lr)
-    p.add_argument("--weight-decay", type=float, default=defaults.weight_decay)
-    p.add_argument("--schedule", choices=CHOICES["schedule"], default=defaults.schedule)
-    p.add_argument("--label-smoothing", type=float, default=defaults.label_smoothing)
-    p.add_argument("--batch-size", type=int, default=defaults.batch_size)
-    p.add_argument("--epochs", type=int, default=defaults.epochs)
-    p.add_argument("--seed", type=int, default=defaults.seed)
+    p.add_argument(
+        "--hidden", type=int, nargs="+", default=list(defaults.hidden), help="hidden widths"
+    )
+    p.add_argument(
+        "--dropout", type=float, default=defaults.dropout, help="after every hidden layer"
+    )
+    p.add_argument(
+        "--activation",
+        choices=CHOICES["activation"],
+        default=defaults.activation,
+        help="of the hidden layers",
+    )
+    p.add_argument(
+        "--optimizer",
+        choices=CHOICES["optimizer"],
+        default=defaults.optimizer,
+        help="sgd: with Nesterov momentum 0.9",
+    )
+    p.add_argument("--lr", type=float, default=defaults.lr, help="peak learning rate")
+    p.add_argument("--weight-decay", type=float, default=defaults.weight_decay, help="L2 penalty")
+    p.add_argument(
+        "--schedule",
+        choices=CHOICES["schedule"],
+        default=defaults.schedule,
+        help="of the learning rate: constant, or cosine to zero over all steps",
+    )
+    p.add_argument(
+        "--label-smoothing",
+        type=float,
+        default=defaults.label_smoothing,
+        help="of the cross-entropy targets",
+    )
+    p.add_argument("--batch-size", type=int, default=defaults.batch_size, help="images per step")
+    p.add_argument(
+        "--epochs", type=int, default=defaults.epochs, help="passes over the training split"
+    )
+    p.add_argument(
+        "--seed", type=int, default=defaults.seed, help="of weights, dropout and batch order"
+    )
     add_device_flags(p)
-    p.add_argument("--data-dir", type=Path, default=default_data_dir())
+    add_data_dir_flag(p)
     args = p.parse_args(argv)
     for name in ("epochs", "batch_size"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be at least 1")
-    if not (0 <= args.dropout < 1) or args.lr <= 0 or min(args.hidden) < 1:
-        p.error("need 0 <= --dropout < 1, --lr > 0 and every --hidden width >= 1")
+    if min(args.hidden) < 1:
+        p.error(f"every --hidden width must be at least 1, not {min(args.hidden)}")
+    # `not low <= x < high` also refuses nan, which fails every comparison
+    for flag, value, low, high in (
+        ("--dropout", args.dropout, 0, 1),
+        ("--weight-decay", args.weight_decay, 0, math.inf),
+        ("--label-smoothing", args.label_smoothing, 0, 1),
+        ("--seed", args.seed, 0, 2**63),
+    ):
+        if not low <= value < high:
+            p.error(f"{flag} {value} is out of range: need {low} <= {flag} < {high}")
+    if not 0 < args.lr < math.inf:
+        p.error(f"--lr {args.lr} is out of range: need 0 < --lr < inf")
+    data_dir = args.data_dir
+    if data_dir is None:
+        from mnist_search.data import default_data_dir
+
+        data_dir = default_data_dir()
+    check_folder(p, "--data-dir", data_dir)
     try:
         device = resolve_device(args.device)
     except ValueError as e:
         p.error(str(e))
+
+    from mnist_search.data import DataError, ensure_mnist, load_data, load_test
+
     try:
-        ensure_mnist(args.data_dir)
+        ensure_mnist(data_dir)
     except DataError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
@@ -297,7 +342,7 @@ def main(argv: list[str] | None = None) -> int:
         schedule=args.schedule, label_smoothing=args.label_smoothing,
         batch_size=args.batch_size, epochs=args.epochs, seed=args.seed,
     )  # fmt: skip
-    data = load_data(args.data_dir, device)
+    data = load_data(data_dir, device)
 
     def report(epoch, m, model):
         print(
@@ -307,7 +352,7 @@ def main(argv: list[str] | None = None) -> int:
         )
 
     result = fit(config, data, device, report, args.cuda_graphs)
-    test = evaluate(result.model, load_test(args.data_dir, data.mean, data.std, device))
+    test = evaluate(result.model, load_test(data_dir, data.mean, data.std, device))
     seconds = sum(m["epoch_seconds"] for m in result.history)
     print(
         f"validation accuracy {result.history[-1]['val_accuracy']:.4f}  "
