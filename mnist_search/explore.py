@@ -13,12 +13,11 @@ from pathlib import Path
 import torch
 
 from mnist_search import data as mdata
+from mnist_search.cli import HelpFormatter, add_data_dir_flag, check_folder
 from mnist_search.data import (
     SPLIT_SEED,
     Data,
     Split,
-    default_data_dir,
-    ensure_mnist,
     load_images,
     pixel_stats,
     stratified_split,
@@ -158,31 +157,42 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(
         prog="python -m mnist_search.explore",
         description="Explore MNIST: figures, class counts, and the numbers behind preprocessing.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
     )
-    p.add_argument("--out", type=Path, default=Path("reports/explore"))
-    p.add_argument("--data-dir", type=Path, default=default_data_dir())
-    p.add_argument("--tracking-uri", default=None)
-    p.add_argument("--ablation-epochs", type=int, default=2)
+    p.add_argument("--out", type=Path, default=Path("reports/explore"), help="folder to write to")
+    add_data_dir_flag(p)
+    p.add_argument(
+        "--tracking-uri",
+        default=None,
+        help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db)",
+    )
+    p.add_argument(
+        "--ablation-epochs", type=int, default=2, help="epochs of each normalization's MLP"
+    )
     args = p.parse_args(argv)
     if args.ablation_epochs < 1:
         p.error("--ablation-epochs must be at least 1")
+    check_folder(p, "--out", args.out)
 
     import mlflow
 
-    from mnist_search.data import DataError
-    from mnist_search.tracking import ROLE_TAG, TRAINING_EXPERIMENT
+    from mnist_search.data import DataError, default_data_dir, ensure_mnist
+    from mnist_search.tracking import ROLE_TAG, StudyTracker, TrackingError
 
+    data_dir = args.data_dir or default_data_dir()
+    check_folder(p, "--data-dir", data_dir)
     try:
-        ensure_mnist(args.data_dir)
+        ensure_mnist(data_dir)
     except DataError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    paths = explore(args.data_dir, args.out, args.ablation_epochs)
+    try:  # before the work: an unreachable store is reported now, not after the figures
+        StudyTracker("mnist-explore", args.tracking_uri)  # opens or creates the experiment
+    except TrackingError as e:
+        p.error(str(e))
+    paths = explore(data_dir, args.out, args.ablation_epochs)
     if args.tracking_uri:
         mlflow.set_tracking_uri(args.tracking_uri)
-    if mlflow.get_experiment_by_name("mnist-explore") is None:
-        mlflow.create_experiment("mnist-explore", tags=TRAINING_EXPERIMENT)
     mlflow.set_experiment("mnist-explore")
     with mlflow.start_run(run_name="explore", tags={ROLE_TAG: "explore"}):
         for path in paths:
