@@ -22,7 +22,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from mnist_search.data import Data, Split, default_data_dir, ensure_mnist, load_data
+from mnist_search.cli import HelpFormatter, add_data_dir_flag, check_folder
+from mnist_search.data import Data, DataError, Split, default_data_dir, ensure_mnist, load_data
 from mnist_search.model import MLP, training_flops_per_sample
 from mnist_search.train import TrainConfig, build_model, fit, resolve_device
 
@@ -125,20 +126,26 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(
         prog="python -m mnist_search.bench",
         description="Measure training throughput: the usual way, ours, and the machine's ceiling.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
     p.add_argument("--samples", type=int, default=20_000, help="training samples per row")
-    p.add_argument("--data-dir", type=Path, default=default_data_dir())
+    add_data_dir_flag(p)
     args = p.parse_args(argv)
     if args.samples < 512:
         p.error("--samples must be at least 512")
+    data_dir = args.data_dir or default_data_dir()
+    check_folder(p, "--data-dir", data_dir)
     try:
         device = resolve_device(args.device)
     except ValueError as e:
         p.error(str(e))
-    ensure_mnist(args.data_dir)
-    rows = bench(args.data_dir, device, args.samples)
+    try:
+        ensure_mnist(data_dir)
+    except DataError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    rows = bench(data_dir, device, args.samples)
     name = torch.cuda.get_device_name() if device.type == "cuda" else "CPU"
     print(f"device: {device} ({name}), torch threads: {torch.get_num_threads()}")
     print(f"{'path':66s} {'samples/s':>12s}")
