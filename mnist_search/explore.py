@@ -10,22 +10,14 @@ import argparse
 import sys
 from pathlib import Path
 
-import torch
-
-from mnist_search import data as mdata
 from mnist_search.cli import HelpFormatter, add_data_dir_flag, check_folder
-from mnist_search.data import (
-    SPLIT_SEED,
-    Data,
-    Split,
-    load_images,
-    pixel_stats,
-    stratified_split,
-)
-from mnist_search.report import plt, save_figure
+
+# torch, matplotlib (through report) and MLflow are imported where used, so --help is instant
 
 
 def sample_grid(images, labels, path: Path, per_class: int = 10) -> Path:
+    from mnist_search.report import plt, save_figure
+
     fig, axes = plt.subplots(10, per_class, figsize=(per_class * 0.9, 10 * 0.95))
     for digit in range(10):
         members = (labels == digit).nonzero().squeeze(1)[:per_class]
@@ -41,6 +33,8 @@ def sample_grid(images, labels, path: Path, per_class: int = 10) -> Path:
 
 
 def class_counts_chart(counts: dict[str, list[int]], path: Path) -> Path:
+    from mnist_search.report import plt, save_figure
+
     fig, ax = plt.subplots(figsize=(9, 4))
     width = 0.8 / len(counts)
     for k, (split, values) in enumerate(counts.items()):
@@ -52,6 +46,8 @@ def class_counts_chart(counts: dict[str, list[int]], path: Path) -> Path:
 
 
 def mean_images(images, labels, path: Path) -> Path:
+    from mnist_search.report import plt, save_figure
+
     fig, axes = plt.subplots(2, 5, figsize=(10, 4.5))
     for digit, ax in enumerate(axes.ravel()):
         ax.imshow(images[labels == digit].float().mean(0), cmap="magma")
@@ -61,6 +57,8 @@ def mean_images(images, labels, path: Path) -> Path:
 
 
 def intensity_histograms(images, mean: float, std: float, path: Path) -> Path:
+    from mnist_search.report import plt, save_figure
+
     raw = images.flatten().float()
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
     left.hist(raw.numpy(), bins=64, log=True, color="tab:gray")
@@ -75,6 +73,7 @@ def normalization_ablation(
 ) -> dict[str, float]:
     """Validation accuracy of one small MLP fed raw 0-255, [0, 1], and standardized pixels
     (`mean` and `std`: of the training images, scaled to [0, 1])."""
+    from mnist_search.data import Data, Split
     from mnist_search.train import TrainConfig, fit
 
     x = images.reshape(len(images), -1).float()  # (N, 784)
@@ -95,6 +94,11 @@ def normalization_ablation(
 
 def explore(data_dir: Path, out: Path, ablation_epochs: int = 2) -> list[Path]:
     """Write every figure, the counts table and the summary into `out`; return their paths."""
+    import torch
+
+    from mnist_search import data as mdata
+    from mnist_search.data import SPLIT_SEED, load_images, pixel_stats, stratified_split
+
     out.mkdir(parents=True, exist_ok=True)
     train_images, train_labels = load_images(data_dir, train=True)
     test_images, test_labels = load_images(data_dir, train=False)

@@ -12,17 +12,17 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING
 
-import torch
-from torch import nn
+if TYPE_CHECKING:  # imported where used: `python -m mnist_search.train --help` needs no torch
+    import torch
+    from torch import nn
 
-from mnist_search.augment import random_affine
-from mnist_search.data import Data, Split
-from mnist_search.model import ACTIVATIONS, CNN, MLP
+    from mnist_search.data import Data, Split
 
 CHOICES = {
     "family": ("mlp", "cnn"),
-    "activation": tuple(ACTIVATIONS),
+    "activation": ("relu", "gelu", "silu"),  # model.ACTIVATIONS, named here for a light --help
     "optimizer": ("adam", "adamw", "sgd"),
     "schedule": ("constant", "cosine"),
 }
@@ -92,10 +92,12 @@ class FitResult:
         return max(self.history, key=lambda m: m["val_accuracy"])["epoch"]
 
 
-EpochHook = Callable[[int, dict, nn.Module], None]
+EpochHook = Callable[[int, dict, "nn.Module"], None]
 
 
 def resolve_device(name: str) -> torch.device:
+    import torch
+
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name == "cuda" and not torch.cuda.is_available():
@@ -106,6 +108,8 @@ def resolve_device(name: str) -> torch.device:
 
 
 def build_model(config: TrainConfig) -> nn.Module:
+    from mnist_search.model import CNN, MLP
+
     if config.family == "cnn":
         return CNN(config.channels, config.kernel, config.hidden, config.dropout, config.activation)
     return MLP(config.hidden, config.dropout, config.activation)
@@ -115,6 +119,8 @@ def _optimizer(config: TrainConfig, params, capturable: bool) -> torch.optim.Opt
     # fused: one kernel per tensor instead of a dozen; measured ~15% more samples/s at batch
     # 128 on 2 CPU cores (python -m mnist_search.bench). capturable: the step counter and the
     # lr live on the GPU, so a recorded CUDA graph reads their current values at each replay.
+    import torch
+
     if config.optimizer in ("adam", "adamw"):
         lr = torch.tensor(config.lr, device="cuda") if capturable else config.lr
         cls = torch.optim.Adam if config.optimizer == "adam" else torch.optim.AdamW
@@ -135,8 +141,8 @@ def lr_at(config: TrainConfig, step: int, total_steps: int) -> float:
 
 def _set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
     for group in optimizer.param_groups:
-        if isinstance(group["lr"], torch.Tensor):
-            group["lr"].fill_(lr)  # in place: a recorded graph holds this very tensor
+        if hasattr(group["lr"], "fill_"):  # a tensor: in place, a recorded graph holds this one
+            group["lr"].fill_(lr)
         else:
             group["lr"] = lr
 
@@ -153,11 +159,15 @@ class CudaGraphStep:
     """
 
     def __init__(self, step: Callable[[torch.Tensor], None], batch_size: int, warmup: int = 3):
+        import torch
+
         self.step, self.batch_size, self.warmup = step, batch_size, warmup
         self.idx = torch.zeros(batch_size, dtype=torch.long, device="cuda")  # the graph's input
         self.graph: torch.cuda.CUDAGraph | None = None
 
     def __call__(self, idx: torch.Tensor) -> None:
+        import torch
+
         if len(idx) != self.batch_size:
             self.step(idx)
         elif self.warmup > 0:
@@ -176,14 +186,18 @@ class CudaGraphStep:
             self.graph.replay()
 
 
-@torch.no_grad()
 def predict_logits(model: nn.Module, x: torch.Tensor, batch_size: int = 8192) -> torch.Tensor:
+    import torch
+
     model.eval()
-    return torch.cat([model(x[i : i + batch_size]) for i in range(0, len(x), batch_size)])
+    with torch.no_grad():
+        return torch.cat([model(x[i : i + batch_size]) for i in range(0, len(x), batch_size)])
 
 
 def evaluate(model: nn.Module, split: Split) -> dict:
     """Mean cross-entropy and accuracy of `model` on `split`."""
+    from torch import nn
+
     logits = predict_logits(model, split.x)
     return {
         "loss": nn.functional.cross_entropy(logits, split.y).item(),
@@ -203,6 +217,11 @@ def fit(
     propagates (that is how the study prunes). Raises NonFiniteLossError when an epoch's
     training loss is NaN or infinite. On a CUDA device, Adam and AdamW steps are replayed from
     a CUDA graph (`CudaGraphStep`) unless `cuda_graphs` is False."""
+    import torch
+    from torch import nn
+
+    from mnist_search.augment import random_affine
+
     device = torch.device(device)
     torch.manual_seed(config.seed)
     shuffle = torch.Generator().manual_seed(config.seed)
@@ -327,6 +346,8 @@ def main(argv: list[str] | None = None) -> int:
         device = resolve_device(args.device)
     except ValueError as e:
         p.error(str(e))
+
+    import torch
 
     from mnist_search.data import DataError, ensure_mnist, load_data, load_test
 
