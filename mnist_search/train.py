@@ -86,7 +86,8 @@ class FitResult:
 
     @property
     def best_epoch(self) -> int:
-        """The epoch (1-based) with the highest validation accuracy; the last one without it."""
+        """The epoch (1-based) with the highest validation accuracy, the earliest of equals (the
+        fewest epochs to retrain); without a validation split, the last epoch."""
         if not self.history or "val_accuracy" not in self.history[0]:
             return len(self.history)
         return max(self.history, key=lambda m: m["val_accuracy"])["epoch"]
