@@ -18,28 +18,35 @@ import dataclasses
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
-from torch import nn
-
-from mnist_search.data import Data, Split, load_data
-from mnist_search.fetch import default_data_dir, ensure_mnist
-from mnist_search.model import MLP, training_flops_per_sample
+from mnist_search.cli import HelpFormatter, add_data_dir_flag, check_folder
 from mnist_search.train import TrainConfig, build_model, fit, resolve_device
+
+if TYPE_CHECKING:  # imported where used, so --help is instant
+    import torch
+
+    from mnist_search.data import Data
 
 HIDDEN = (512, 256)
 CNN_CONFIG = TrainConfig(family="cnn", channels=(16, 32), kernel=5, hidden=(128,), batch_size=128)
 
 
 def _sync(device: torch.device) -> None:
+    import torch
+
     if device.type == "cuda":
         torch.cuda.synchronize()
 
 
 def usual_way(data_dir: Path, samples: int, device: torch.device) -> float:
     """Samples/s of the textbook loop: PIL images transformed one by one in a DataLoader."""
+    import torch
+    from torch import nn
     from torch.utils.data import DataLoader
     from torchvision import datasets, transforms
+
+    from mnist_search.model import MLP
 
     transform = transforms.Compose(
         [
@@ -78,6 +85,8 @@ def ours(data: Data, batch_size: int, device: torch.device, config=None, cuda_gr
 
 def matmul_flops(device: torch.device, n: int, seconds: float = 2.0) -> float:
     """Sustained FLOP/s of square float32 matmuls, the MLP's dominant kernel."""
+    import torch
+
     a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
     torch.mm(a, b)
     _sync(device)
@@ -92,6 +101,9 @@ def matmul_flops(device: torch.device, n: int, seconds: float = 2.0) -> float:
 def bench(data_dir: Path, device: torch.device, samples: int) -> dict[str, tuple[str, float]]:
     """{key: (row label, samples/s)}; keys usual, eager128 (GPU only), ours128, ours512, ceiling,
     cnn128, cnn128aug."""
+    from mnist_search.data import Data, Split, load_data
+    from mnist_search.model import MLP, training_flops_per_sample
+
     data = load_data(data_dir, device)
     subset = Data(Split(data.train.x[:samples], data.train.y[:samples]), None, data.mean, data.std)
     gpu = device.type == "cuda"
@@ -126,20 +138,31 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(
         prog="python -m mnist_search.bench",
         description="Measure training throughput: the usual way, ours, and the machine's ceiling.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
     p.add_argument("--samples", type=int, default=20_000, help="training samples per row")
-    p.add_argument("--data-dir", type=Path, default=default_data_dir())
+    add_data_dir_flag(p)
     args = p.parse_args(argv)
     if args.samples < 512:
         p.error("--samples must be at least 512")
+
+    import torch
+
+    from mnist_search.fetch import DataError, default_data_dir, ensure_mnist
+
+    data_dir = args.data_dir or default_data_dir()
+    check_folder(p, "--data-dir", data_dir)
     try:
         device = resolve_device(args.device)
     except ValueError as e:
         p.error(str(e))
-    ensure_mnist(args.data_dir)
-    rows = bench(args.data_dir, device, args.samples)
+    try:
+        ensure_mnist(data_dir)
+    except DataError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    rows = bench(data_dir, device, args.samples)
     name = torch.cuda.get_device_name() if device.type == "cuda" else "CPU"
     print(f"device: {device} ({name}), torch threads: {torch.get_num_threads()}")
     print(f"{'path':66s} {'samples/s':>12s}")

@@ -401,20 +401,40 @@ def main(argv: list[str] | None = None) -> int:
     add_champion_flags(p)
     args = p.parse_args(argv)
     check_champion_flags(p, args)
+    if not args.register_as:
+        p.error("--register-as must not be empty")
 
-    from mnist_search.fetch import default_data_dir
+    from mnist_search.cli import check_existing_study, check_folder
+    from mnist_search.fetch import DataError, default_data_dir, ensure_mnist
     from mnist_search.tracking import StudyTracker, TrackingError
     from mnist_search.train import resolve_device
 
+    data_dir = args.data_dir or default_data_dir()
+    check_folder(p, "--data-dir", data_dir)
     try:
         device = resolve_device(args.device)
+    except ValueError as e:
+        p.error(str(e))
+    tracking_uri = args.tracking_uri or mlflow.get_tracking_uri()
+    check_existing_study(p, args.study_name, args.storage, tracking_uri)
+    try:
         study = load_existing_study(args.study_name, args.storage)
+    except ValueError as e:
+        p.error(f"--study-name: {e}")
+    except Exception as e:  # noqa: BLE001 - SQLAlchemy and Optuna raise many kinds
+        p.error(f"cannot open --storage {args.storage!r}: {type(e).__name__}: {e}")
+    try:
         tracker = StudyTracker(args.study_name, args.tracking_uri)
         tracker.require_parent()
-        study.best_trial  # noqa: B018 - raises ValueError when no trial has completed
-    except (ValueError, TrackingError) as e:
-        p.error(f"{type(e).__name__}: {e}")
-    data_dir = args.data_dir or default_data_dir()
+    except TrackingError as e:
+        p.error(str(e))
+    if not any(t.state.name == "COMPLETE" for t in study.get_trials(deepcopy=False)):
+        p.error(f"--study-name {args.study_name!r} has no completed trial to retrain; run it first")
+    try:  # before the champion's run is made: unverified or missing files end it here
+        ensure_mnist(data_dir)
+    except DataError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     with interrupts.deferred():  # Ctrl-C and `kill` stop between steps, never mid-write
         try:
             crown(

@@ -1,11 +1,80 @@
-"""Flags that every command which trains shares; argparse only, so `--help` stays instant."""
+"""Flags that the commands share, and the checks of their values that must come before anything
+is opened or created; argparse and pathlib only, so `--help` stays instant."""
 
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 SPACES = ("mlp", "cnn", "all")  # the search spaces of space.py, named here for instant --help
 PRUNERS = ("hyperband", "median", "none")  # how search.py stops trials early
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Says each flag's default in its help, except a default of None: such a flag's help says
+    where its value then comes from ($MNIST_SEARCH_DATA, $MLFLOW_TRACKING_URI), and
+    `(default: None)` after it would only confuse."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        return action.help if action.default is None else super()._get_help_string(action)
+
+
+def add_data_dir_flag(p: argparse.ArgumentParser) -> None:
+    """--data-dir, resolved after parsing (`args.data_dir or data.default_data_dir()`): the
+    data module imports torch, which --help must not wait for."""
+    p.add_argument(
+        "--data-dir",
+        type=Path,
+        default=None,
+        help="where MNIST lives, or is fetched to (default: $MNIST_SEARCH_DATA, else ./data)",
+    )
+
+
+def check_folder(p: argparse.ArgumentParser, flag: str, path: Path) -> None:
+    """Refuse a `path` that cannot be a folder because it, or a folder above it, is a file:
+    otherwise the command would find out after its work, when it writes there."""
+    existing = next(q for q in (path, *path.parents) if q.exists())
+    if existing == path and not path.is_dir():
+        p.error(f"{flag} {path} is a file, not a folder")
+    if not existing.is_dir():
+        p.error(f"{flag} {path} cannot be a folder: {existing} is a file")
+
+
+def sqlite_path(url: str) -> Path | None:
+    """The database file of a `sqlite:///PATH` URL; None for any other URL or an in-memory one."""
+    if not url.startswith("sqlite:///"):
+        return None
+    path = url.removeprefix("sqlite:///").split("?", 1)[0]
+    return Path(path) if path not in ("", ":memory:") else None
+
+
+def check_existing_study(
+    p: argparse.ArgumentParser, study_name: str, storage: str, tracking_uri: str
+) -> None:
+    """For commands that add to a study that a former `study` made (champion, report): refuse an
+    empty name, and stores that cannot hold the study, before opening any (opening a journal file
+    or SQLite database that is not there creates it, and leaves it behind). `tracking_uri`: the
+    one in effect (the flag's, else MLflow's)."""
+    if not study_name:
+        p.error("--study-name must not be empty")
+    if "://" in storage:
+        path = sqlite_path(storage)
+    else:
+        path = Path(storage)
+        if path.is_dir():
+            p.error(f"--storage {storage} is a folder: pass the study's journal file or RDB URL")
+    if path is not None and not path.exists():
+        p.error(
+            f"no study {study_name!r}: --storage {storage} does not exist; run the study first, "
+            "or pass the --storage it used"
+        )
+    path = sqlite_path(tracking_uri)
+    if path is not None and not path.exists():
+        p.error(
+            f"no MLflow parent run for study {study_name!r}: the tracking store {path} does not "
+            "exist; run the study first, or pass the --tracking-uri (or $MLFLOW_TRACKING_URI) "
+            "it used"
+        )
 
 
 def add_device_flags(p: argparse.ArgumentParser) -> None:

@@ -10,15 +10,14 @@ import argparse
 import sys
 from pathlib import Path
 
-import torch
+from mnist_search.cli import HelpFormatter, add_data_dir_flag, check_folder
 
-from mnist_search import data as mdata
-from mnist_search.data import SPLIT_SEED, Data, Split, pixel_stats, stratified_split
-from mnist_search.fetch import DataError, default_data_dir, ensure_mnist, load_images
-from mnist_search.report import plt, save_figure
+# torch, matplotlib (through report) and MLflow are imported where used, so --help is instant
 
 
 def sample_grid(images, labels, path: Path, per_class: int = 10) -> Path:
+    from mnist_search.report import plt, save_figure
+
     fig, axes = plt.subplots(10, per_class, figsize=(per_class * 0.9, 10 * 0.95))
     for digit in range(10):
         members = (labels == digit).nonzero().squeeze(1)[:per_class]
@@ -34,6 +33,8 @@ def sample_grid(images, labels, path: Path, per_class: int = 10) -> Path:
 
 
 def class_counts_chart(counts: dict[str, list[int]], path: Path) -> Path:
+    from mnist_search.report import plt, save_figure
+
     fig, ax = plt.subplots(figsize=(9, 4))
     width = 0.8 / len(counts)
     for k, (split, values) in enumerate(counts.items()):
@@ -45,6 +46,8 @@ def class_counts_chart(counts: dict[str, list[int]], path: Path) -> Path:
 
 
 def mean_images(images, labels, path: Path) -> Path:
+    from mnist_search.report import plt, save_figure
+
     fig, axes = plt.subplots(2, 5, figsize=(10, 4.5))
     for digit, ax in enumerate(axes.ravel()):
         ax.imshow(images[labels == digit].float().mean(0), cmap="magma")
@@ -54,6 +57,8 @@ def mean_images(images, labels, path: Path) -> Path:
 
 
 def intensity_histograms(images, mean: float, std: float, path: Path) -> Path:
+    from mnist_search.report import plt, save_figure
+
     raw = images.flatten().float()
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
     left.hist(raw.numpy(), bins=64, log=True, color="tab:gray")
@@ -68,6 +73,7 @@ def normalization_ablation(
 ) -> dict[str, float]:
     """Validation accuracy of one small MLP fed raw 0-255, [0, 1], and standardized pixels
     (`mean` and `std`: of the training images, scaled to [0, 1])."""
+    from mnist_search.data import Data, Split
     from mnist_search.train import TrainConfig, fit
 
     x = images.reshape(len(images), -1).float()  # (N, 784)
@@ -88,6 +94,12 @@ def normalization_ablation(
 
 def explore(data_dir: Path, out: Path, ablation_epochs: int = 2) -> list[Path]:
     """Write every figure, the counts table and the summary into `out`; return their paths."""
+    import torch
+
+    from mnist_search import data as mdata
+    from mnist_search.data import SPLIT_SEED, pixel_stats, stratified_split
+    from mnist_search.fetch import load_images
+
     out.mkdir(parents=True, exist_ok=True)
     train_images, train_labels = load_images(data_dir, train=True)
     test_images, test_labels = load_images(data_dir, train=False)
@@ -150,31 +162,40 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(
         prog="python -m mnist_search.explore",
         description="Explore MNIST: figures, class counts, and the numbers behind preprocessing.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
     )
-    p.add_argument("--out", type=Path, default=Path("reports/explore"))
-    p.add_argument("--data-dir", type=Path, default=default_data_dir())
-    p.add_argument("--tracking-uri", default=None)
-    p.add_argument("--ablation-epochs", type=int, default=2)
+    p.add_argument("--out", type=Path, default=Path("reports/explore"), help="folder to write to")
+    add_data_dir_flag(p)
+    p.add_argument(
+        "--tracking-uri",
+        default=None,
+        help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db)",
+    )
+    p.add_argument(
+        "--ablation-epochs", type=int, default=2, help="epochs of each normalization's MLP"
+    )
     args = p.parse_args(argv)
     if args.ablation_epochs < 1:
         p.error("--ablation-epochs must be at least 1")
+    check_folder(p, "--out", args.out)
 
-    from mlflow import MlflowClient
+    from mnist_search.fetch import DataError, default_data_dir, ensure_mnist
+    from mnist_search.tracking import ROLE_TAG, StudyTracker, TrackingError, create_run, lifecycle
 
-    from mnist_search.tracking import ROLE_TAG, create_run, experiment_id, lifecycle
-
+    data_dir = args.data_dir or default_data_dir()
+    check_folder(p, "--data-dir", data_dir)
     try:
-        ensure_mnist(args.data_dir)
+        ensure_mnist(data_dir)
     except DataError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    client = MlflowClient(args.tracking_uri)
-    run = create_run(
-        client, experiment_id(client, "mnist-explore"), "explore", {ROLE_TAG: "explore"}
-    )
+    try:  # before the work: an unreachable store is reported now, not after the figures
+        tracker = StudyTracker("mnist-explore", args.tracking_uri)  # opens or creates it
+    except TrackingError as e:
+        p.error(str(e))
+    run = create_run(tracker.client, tracker.experiment_id, "explore", {ROLE_TAG: "explore"})
     with lifecycle(run):
-        for path in explore(args.data_dir, args.out, args.ablation_epochs):
+        for path in explore(data_dir, args.out, args.ablation_epochs):
             run.log_artifacts(path)
     print((args.out / "summary.md").read_text())
     print(f"figures in {args.out}/ and in MLflow (experiment mnist-explore, run explore)")

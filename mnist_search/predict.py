@@ -14,6 +14,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from mnist_search.cli import HelpFormatter, sqlite_path
+
 
 class ImageError(ValueError):
     """An image file could not be read or holds no digit."""
@@ -75,27 +77,49 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(
         prog="python -m mnist_search.predict",
         description="Predict the digit in each image file with a model from the registry.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     p.add_argument("images", nargs="+", type=Path, help="PNG/JPEG files, any size or colors")
-    p.add_argument("--model-uri", default="models:/mnist-mlp@champion")
+    p.add_argument(
+        "--model-uri",
+        default="models:/mnist-mlp@champion",
+        help="an MLflow model: models:/NAME@ALIAS, models:/NAME/VERSION, runs:/ID/model, a path",
+    )
     p.add_argument(
         "--tracking-uri",
         default=None,
         help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db)",
     )
     args = p.parse_args(argv)
+    folders = [str(path) for path in args.images if path.is_dir()]
+    if folders:
+        p.error(f"folders, not image files: {', '.join(folders)}")
     missing = [str(path) for path in args.images if not path.is_file()]
     if missing:
         p.error(f"no such image file: {', '.join(missing)}")
+    if not args.model_uri:
+        p.error("--model-uri must not be empty")
 
     import mlflow
     import torch
 
+    from mnist_search.tracking import FAIL_FAST, env_defaults
+
     if args.tracking_uri:
         mlflow.set_tracking_uri(args.tracking_uri)
+    # A registry or run that lives in a SQLite file that is not there: opening it would create an
+    # empty store (and leave it behind) only to say the model is not in it.
+    store = {"models:/": mlflow.get_registry_uri(), "runs:/": mlflow.get_tracking_uri()}
+    for scheme, uri in store.items():
+        path = sqlite_path(uri) if args.model_uri.startswith(scheme) else None
+        if path is not None and not path.exists():
+            p.error(
+                f"cannot load model {args.model_uri!r}: the MLflow store {path} does not exist. "
+                "Run a study first, or check --model-uri and --tracking-uri / MLFLOW_TRACKING_URI."
+            )
     try:
-        model = load_model(args.model_uri)
+        with env_defaults(FAIL_FAST):  # an unreachable server: seconds, not minutes of retries
+            model = load_model(args.model_uri)
     except LookupError as e:
         p.error(str(e))
     failed = 0

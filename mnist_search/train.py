@@ -12,17 +12,17 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING
 
-import torch
-from torch import nn
+if TYPE_CHECKING:  # imported where used: `python -m mnist_search.train --help` needs no torch
+    import torch
+    from torch import nn
 
-from mnist_search.augment import random_affine
-from mnist_search.data import Data, Split
-from mnist_search.model import ACTIVATIONS, CNN, MLP
+    from mnist_search.data import Data, Split
 
 CHOICES = {
     "family": ("mlp", "cnn"),
-    "activation": tuple(ACTIVATIONS),
+    "activation": ("relu", "gelu", "silu"),  # model.ACTIVATIONS, named here for a light --help
     "optimizer": ("adam", "adamw", "sgd"),
     "schedule": ("constant", "cosine"),
 }
@@ -87,26 +87,31 @@ class FitResult:
 
     @property
     def best_epoch(self) -> int:
-        """The epoch (1-based) with the highest validation accuracy; the last one without it."""
+        """The epoch (1-based) with the highest validation accuracy, the earliest of equals (the
+        fewest epochs to retrain); without a validation split, the last epoch."""
         if not self.history or "val_accuracy" not in self.history[0]:
             return len(self.history)
         return max(self.history, key=lambda m: m["val_accuracy"])["epoch"]
 
 
-EpochHook = Callable[[int, dict, nn.Module], bool | None]  # True: stop training
+EpochHook = Callable[[int, dict, "nn.Module"], bool | None]  # True: stop training
 
 
 def resolve_device(name: str) -> torch.device:
+    import torch
+
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name == "cuda" and not torch.cuda.is_available():
         raise ValueError("--device cuda asked for, but no CUDA GPU is visible; use cpu or auto")
     if name not in ("cpu", "cuda"):
-        raise ValueError(f"unknown --device {name!r}; use auto, cpu or cuda")
+        raise ValueError(f"unknown device {name!r} for --device; use auto, cpu or cuda")
     return torch.device(name)
 
 
 def build_model(config: TrainConfig) -> nn.Module:
+    from mnist_search.model import CNN, MLP
+
     if config.family == "cnn":
         return CNN(config.channels, config.kernel, config.hidden, config.dropout, config.activation)
     return MLP(config.hidden, config.dropout, config.activation)
@@ -116,6 +121,8 @@ def _optimizer(config: TrainConfig, params, capturable: bool) -> torch.optim.Opt
     # fused: one kernel per tensor instead of a dozen; measured ~15% more samples/s at batch
     # 128 on 2 CPU cores (python -m mnist_search.bench). capturable: the step counter and the
     # lr live on the GPU, so a recorded CUDA graph reads their current values at each replay.
+    import torch
+
     if config.optimizer in ("adam", "adamw"):
         lr = torch.tensor(config.lr, device="cuda") if capturable else config.lr
         cls = torch.optim.Adam if config.optimizer == "adam" else torch.optim.AdamW
@@ -136,8 +143,8 @@ def lr_at(config: TrainConfig, step: int, total_steps: int) -> float:
 
 def _set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
     for group in optimizer.param_groups:
-        if isinstance(group["lr"], torch.Tensor):
-            group["lr"].fill_(lr)  # in place: a recorded graph holds this very tensor
+        if hasattr(group["lr"], "fill_"):  # a tensor: in place, a recorded graph holds this one
+            group["lr"].fill_(lr)
         else:
             group["lr"] = lr
 
@@ -154,11 +161,15 @@ class CudaGraphStep:
     """
 
     def __init__(self, step: Callable[[torch.Tensor], None], batch_size: int, warmup: int = 3):
+        import torch
+
         self.step, self.batch_size, self.warmup = step, batch_size, warmup
         self.idx = torch.zeros(batch_size, dtype=torch.long, device="cuda")  # the graph's input
         self.graph: torch.cuda.CUDAGraph | None = None
 
     def __call__(self, idx: torch.Tensor) -> None:
+        import torch
+
         if len(idx) != self.batch_size:
             self.step(idx)
         elif self.warmup > 0:
@@ -177,14 +188,18 @@ class CudaGraphStep:
             self.graph.replay()
 
 
-@torch.no_grad()
 def predict_logits(model: nn.Module, x: torch.Tensor, batch_size: int = 8192) -> torch.Tensor:
+    import torch
+
     model.eval()
-    return torch.cat([model(x[i : i + batch_size]) for i in range(0, len(x), batch_size)])
+    with torch.no_grad():
+        return torch.cat([model(x[i : i + batch_size]) for i in range(0, len(x), batch_size)])
 
 
 def evaluate(model: nn.Module, split: Split) -> dict:
     """Mean cross-entropy and accuracy of `model` on `split`."""
+    from torch import nn
+
     logits = predict_logits(model, split.x)
     return {
         "loss": nn.functional.cross_entropy(logits, split.y).item(),
@@ -205,6 +220,11 @@ def fit(
     Raises NonFiniteLossError when an epoch's
     training loss is NaN or infinite. On a CUDA device, Adam and AdamW steps are replayed from
     a CUDA graph (`CudaGraphStep`) unless `cuda_graphs` is False."""
+    import torch
+    from torch import nn
+
+    from mnist_search.augment import random_affine
+
     device = torch.device(device)
     torch.manual_seed(config.seed)
     shuffle = torch.Generator().manual_seed(config.seed)
@@ -253,44 +273,91 @@ def fit(
 
 
 def main(argv: list[str] | None = None) -> int:
-    from pathlib import Path
-
-    from mnist_search.cli import add_device_flags
-    from mnist_search.data import load_data, load_test
-    from mnist_search.fetch import DataError, default_data_dir, ensure_mnist
+    from mnist_search.cli import HelpFormatter, add_data_dir_flag, add_device_flags, check_folder
 
     defaults = TrainConfig()
     p = argparse.ArgumentParser(
         prog="python -m mnist_search.train",
         description="Train one MLP on MNIST (50,000 train / 10,000 validation) and report "
         "validation and test accuracy: the baseline.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
     )
-    p.add_argument("--hidden", type=int, nargs="+", default=list(defaults.hidden))
-    p.add_argument("--dropout", type=float, default=defaults.dropout)
-    p.add_argument("--activation", choices=CHOICES["activation"], default=defaults.activation)
-    p.add_argument("--optimizer", choices=CHOICES["optimizer"], default=defaults.optimizer)
-    p.add_argument("--lr", type=float, default=defaults.lr)
-    p.add_argument("--weight-decay", type=float, default=defaults.weight_decay)
-    p.add_argument("--schedule", choices=CHOICES["schedule"], default=defaults.schedule)
-    p.add_argument("--label-smoothing", type=float, default=defaults.label_smoothing)
-    p.add_argument("--batch-size", type=int, default=defaults.batch_size)
-    p.add_argument("--epochs", type=int, default=defaults.epochs)
-    p.add_argument("--seed", type=int, default=defaults.seed)
+    p.add_argument(
+        "--hidden", type=int, nargs="+", default=list(defaults.hidden), help="hidden widths"
+    )
+    p.add_argument(
+        "--dropout", type=float, default=defaults.dropout, help="after every hidden layer"
+    )
+    p.add_argument(
+        "--activation",
+        choices=CHOICES["activation"],
+        default=defaults.activation,
+        help="of the hidden layers",
+    )
+    p.add_argument(
+        "--optimizer",
+        choices=CHOICES["optimizer"],
+        default=defaults.optimizer,
+        help="sgd: with Nesterov momentum 0.9",
+    )
+    p.add_argument("--lr", type=float, default=defaults.lr, help="peak learning rate")
+    p.add_argument("--weight-decay", type=float, default=defaults.weight_decay, help="L2 penalty")
+    p.add_argument(
+        "--schedule",
+        choices=CHOICES["schedule"],
+        default=defaults.schedule,
+        help="of the learning rate: constant, or cosine to zero over all steps",
+    )
+    p.add_argument(
+        "--label-smoothing",
+        type=float,
+        default=defaults.label_smoothing,
+        help="of the cross-entropy targets",
+    )
+    p.add_argument("--batch-size", type=int, default=defaults.batch_size, help="images per step")
+    p.add_argument(
+        "--epochs", type=int, default=defaults.epochs, help="passes over the training split"
+    )
+    p.add_argument(
+        "--seed", type=int, default=defaults.seed, help="of weights, dropout and batch order"
+    )
     add_device_flags(p)
-    p.add_argument("--data-dir", type=Path, default=default_data_dir())
+    add_data_dir_flag(p)
     args = p.parse_args(argv)
     for name in ("epochs", "batch_size"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be at least 1")
-    if not (0 <= args.dropout < 1) or args.lr <= 0 or min(args.hidden) < 1:
-        p.error("need 0 <= --dropout < 1, --lr > 0 and every --hidden width >= 1")
+    if min(args.hidden) < 1:
+        p.error(f"every --hidden width must be at least 1, not {min(args.hidden)}")
+    # `not low <= x < high` also refuses nan, which fails every comparison
+    for flag, value, low, high in (
+        ("--dropout", args.dropout, 0, 1),
+        ("--weight-decay", args.weight_decay, 0, math.inf),
+        ("--label-smoothing", args.label_smoothing, 0, 1),
+        ("--seed", args.seed, 0, 2**63),
+    ):
+        if not low <= value < high:
+            p.error(f"{flag} {value} is out of range: need {low} <= {flag} < {high}")
+    if not 0 < args.lr < math.inf:
+        p.error(f"--lr {args.lr} is out of range: need 0 < --lr < inf")
+    data_dir = args.data_dir
+    if data_dir is None:
+        from mnist_search.fetch import default_data_dir
+
+        data_dir = default_data_dir()
+    check_folder(p, "--data-dir", data_dir)
     try:
         device = resolve_device(args.device)
     except ValueError as e:
         p.error(str(e))
+
+    import torch
+
+    from mnist_search.data import load_data, load_test
+    from mnist_search.fetch import DataError, ensure_mnist
+
     try:
-        ensure_mnist(args.data_dir)
+        ensure_mnist(data_dir)
     except DataError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
@@ -301,7 +368,7 @@ def main(argv: list[str] | None = None) -> int:
         schedule=args.schedule, label_smoothing=args.label_smoothing,
         batch_size=args.batch_size, epochs=args.epochs, seed=args.seed,
     )  # fmt: skip
-    data = load_data(args.data_dir, device)
+    data = load_data(data_dir, device)
 
     def report(epoch, m, model):
         print(
@@ -311,7 +378,7 @@ def main(argv: list[str] | None = None) -> int:
         )
 
     result = fit(config, data, device, report, args.cuda_graphs)
-    test = evaluate(result.model, load_test(args.data_dir, data.mean, data.std, device))
+    test = evaluate(result.model, load_test(data_dir, data.mean, data.std, device))
     seconds = sum(m["epoch_seconds"] for m in result.history)
     print(
         f"validation accuracy {result.history[-1]['val_accuracy']:.4f}  "

@@ -322,7 +322,7 @@ def test_corrupted_data_is_refused_before_any_training(in_tmp, synthetic_mnist, 
         (["--epochs", "0"], "--epochs must be at least 1"),
         (["--batch-size", "0"], "--batch-size must be at least 1"),
         (["--dropout", "1.5"], "0 <= --dropout < 1"),
-        (["--device", "tpu"], "unknown --device"),
+        (["--device", "tpu"], "unknown device 'tpu' for --device"),
     ],
 )
 def test_train_cli_rejects_nonsense(argv, message, capsys):

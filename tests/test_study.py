@@ -193,7 +193,7 @@ STUDY_ERROR = "python -m mnist_search.study: error: "
         (["--study-name="], "--study-name is empty; give it a name"),
         (["--register-as", " "], "--register-as is empty; give it a name"),
         (["--storage="], "--storage is empty; give it a name"),
-        (["--device", "tpu"], "unknown --device 'tpu'; use auto, cpu or cuda"),
+        (["--device", "tpu"], "unknown device 'tpu' for --device; use auto, cpu or cuda"),
         (["--storage", "nosuchdb://x/y"], "cannot use --storage 'nosuchdb://x/y': cannot connect"),
         (["--storage", "sqlite:////no/such/folder/x.db"], "cannot use --storage 'sqlite:////no/"),
         (["--storage", "/no/such/folder/study.journal"], "cannot use --storage '/no/such/folder/"),

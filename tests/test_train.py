@@ -1,9 +1,16 @@
+import math
+import re
+
 import pytest
 import torch
 
-from mnist_search.data import Data, Split
-from mnist_search.model import MLP, PixelClassifier
+from mnist_search import data as mdata
+from mnist_search import train
+from mnist_search.data import Data, Split, load_data, load_test
+from mnist_search.model import ACTIVATIONS, MLP, PixelClassifier
 from mnist_search.train import (
+    CHOICES,
+    FitResult,
     NonFiniteLossError,
     TrainConfig,
     evaluate,
@@ -11,6 +18,7 @@ from mnist_search.train import (
     lr_at,
     resolve_device,
 )
+from tests.conftest import synthetic_images
 
 
 def tiny_data(n=400, seed=0) -> Data:
@@ -91,6 +99,89 @@ def test_best_epoch_is_the_validation_peak():
     assert accs[result.best_epoch - 1] == max(accs)
 
 
+def history(*val_accuracies) -> list[dict]:
+    return [
+        {"epoch": epoch, "train_loss": 1.0 / epoch, "val_accuracy": accuracy}
+        for epoch, accuracy in enumerate(val_accuracies, start=1)
+    ]
+
+
+def test_best_epoch_of_hand_built_histories():
+    def best(h):
+        return FitResult(model=MLP((4,)), history=h).best_epoch
+
+    assert best(history(0.50, 0.90, 0.70)) == 2  # the peak, not the last epoch
+    assert best(history(0.90, 0.50, 0.70)) == 1
+    assert best(history(0.50, 0.90, 0.85, 0.90, 0.88)) == 2  # a tie: the earliest
+    assert best(history(0.70, 0.70, 0.70)) == 1
+    no_validation = [{"epoch": e, "train_loss": 1.0 / e} for e in (1, 2, 3)]
+    assert best(no_validation) == 3  # nothing to choose by: the last
+    assert best([]) == 0
+
+
+@pytest.mark.parametrize("schedule", ["cosine", "constant"])
+def test_fit_steps_at_the_scheduled_learning_rate(schedule, monkeypatch):
+    """The lr the optimizer holds at each of its steps, against the cosine written out here: from
+    the peak down towards 0 over all steps of all epochs; or the peak throughout."""
+    used = []
+    make = train._optimizer
+
+    def recording(*args, **kwargs):
+        optimizer = make(*args, **kwargs)
+        step = optimizer.step
+        optimizer.step = lambda *a, **k: (used.append(optimizer.param_groups[0]["lr"]), step())[1]
+        return optimizer
+
+    monkeypatch.setattr(train, "_optimizer", recording)
+    config = TrainConfig(**{**CONFIG.to_dict(), "lr": 0.01, "schedule": schedule})
+    fit(config, tiny_data())
+    total = config.epochs * math.ceil(300 / config.batch_size)  # 4 epochs of 10 steps
+    assert len(used) == total == 40
+    if schedule == "constant":
+        assert used == [0.01] * total
+        return
+    cosine = [0.01 * (1 + math.cos(math.pi * step / total)) / 2 for step in range(total)]
+    assert used == pytest.approx(cosine, rel=1e-9)
+    assert used[0] == 0.01 and used[-1] < 0.01 * 0.002  # the last step is at ~0
+    assert all(a > b for a, b in zip(used, used[1:], strict=False))
+
+
+def test_train_command_reports_the_test_accuracy_of_the_model_its_flags_describe(
+    in_tmp, synthetic_mnist, monkeypatch, capsys
+):
+    """With every test label shifted by one, a model that learned scores ~1 on validation and ~0
+    on test: the command's test accuracy must come from the test files."""
+    labels = mdata.raw_dir(synthetic_mnist) / "t10k-labels-idx1-ubyte"
+    mdata.write_idx(labels, (synthetic_images(200, seed=1)[1] + 1) % 10)
+    monkeypatch.setitem(mdata.OFFICIAL_SHA256, labels.name, mdata.sha256_file(labels))
+    flags = ["--hidden", "32", "--epochs", "3", "--batch-size", "50", "--lr", "3e-3"]
+    assert train.main([*flags, "--data-dir", str(synthetic_mnist), "--device", "cpu"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    epochs = [line.split() for line in lines[:-1]]
+    assert [(e[0], int(e[1])) for e in epochs] == [("epoch", 1), ("epoch", 2), ("epoch", 3)]
+    losses = [float(e[e.index("train_loss") + 1]) for e in epochs]
+    assert losses[-1] < losses[0]
+    summary = re.fullmatch(
+        r"validation accuracy (\S+)  test accuracy (\S+)  \(\S+ s/epoch on cpu, (\d+) threads\)",
+        lines[-1],
+    )
+    assert summary, lines[-1]
+    assert summary[1] == epochs[-1][epochs[-1].index("val_accuracy") + 1]  # the last epoch's
+    assert float(summary[1]) > 0.8  # chance is 0.1
+    assert int(summary[3]) == torch.get_num_threads()
+    # the same config through the library, tested on the 200 (mislabelled) test images
+    config = TrainConfig(hidden=(32,), epochs=3, batch_size=50, lr=3e-3)
+    data = load_data(synthetic_mnist)
+    model = fit(config, data).model
+    test = evaluate(model, load_test(synthetic_mnist, data.mean, data.std))["accuracy"]
+    assert summary[2] == f"{test:.4f}" and test < 0.2
+    assert list(in_tmp.iterdir()) == [synthetic_mnist]  # it writes nothing, tracks nothing
+
+
+def test_activation_choices_are_the_models():
+    assert CHOICES["activation"] == tuple(ACTIVATIONS)
+
+
 def test_pixel_classifier_equals_manual_preprocessing():
     mlp = MLP((16,), 0.0)
     raw = torch.randint(0, 256, (5, 28, 28), dtype=torch.uint8)
@@ -103,7 +194,7 @@ def test_pixel_classifier_equals_manual_preprocessing():
 
 def test_devices():
     assert resolve_device("cpu").type == "cpu"
-    with pytest.raises(ValueError, match="unknown --device"):
+    with pytest.raises(ValueError, match="unknown device .tpu. for --device"):
         resolve_device("tpu")
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match="no CUDA GPU"):
