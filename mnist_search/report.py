@@ -125,8 +125,8 @@ def main(argv: list[str] | None = None) -> int:
     check_existing_study(p, args.study_name, args.storage, tracking_uri)
     try:
         study = load_existing_study(args.study_name, args.storage)
-    except ValueError as e:
-        p.error(f"--study-name: {e}")
+    except ValueError as e:  # its message names the flag
+        p.error(str(e))
     except Exception as e:  # noqa: BLE001 - SQLAlchemy and Optuna raise many kinds
         p.error(f"cannot open --storage {args.storage!r}: {type(e).__name__}: {e}")
     try:

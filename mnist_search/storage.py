@@ -58,7 +58,10 @@ def load_existing_study(name: str, url: str):
     """A study that a former `study` command made, or ValueError naming what is missing."""
     import optuna
 
-    check_storage(url)
+    try:
+        check_storage(url)
+    except ValueError as e:
+        raise ValueError(f"cannot open --storage {url!r}: {e}") from None
     path = Path(url[len(SQLITE) :] if url.startswith(SQLITE) else url)
     if ("://" not in url or url.startswith(SQLITE)) and not path.exists():
         raise ValueError(
@@ -68,4 +71,4 @@ def load_existing_study(name: str, url: str):
     try:
         return optuna.load_study(study_name=name, storage=open_storage(url))
     except KeyError:
-        raise ValueError(f"no study {name!r} in {url}; run the study first") from None
+        raise ValueError(f"--study-name: no study {name!r} in {url}; run the study first") from None

@@ -21,10 +21,9 @@ import pytest
 import torch
 from PIL import Image
 
-from mnist_search import bench, champion, explore, predict, report, train
+from mnist_search import bench, champion, explore, fetch, predict, report, train
 from mnist_search import data as mdata
-from mnist_search import fetch
-from mnist_search import study as mstudy
+from mnist_search.storage import open_storage
 from mnist_search.tracking import StudyTracker
 from tests.conftest import REPO, write_synthetic_mnist
 
@@ -40,7 +39,7 @@ def given(tmp_path_factory) -> Path:
     (root / "afile").write_text("a file, not a folder")
     Image.new("L", (28, 28), 0).save(root / "digit.png")
     (root / "digests.json").write_text(json.dumps(write_synthetic_mnist(root / "data")))
-    storage = mstudy.open_storage(str(root / "s.journal"))
+    storage = open_storage(str(root / "s.journal"))
     complete = optuna.trial.create_trial(params={}, distributions={}, value=0.5)
     optuna.create_study(study_name="mnist-mlp", storage=storage).add_trial(complete)
     optuna.create_study(study_name="bare", storage=storage)
@@ -211,7 +210,7 @@ STORES = (
     (["--storage", "optuna-journal.log"], "no study 'mnist-mlp': --storage optuna-journal.log does not exist; run the study first, or pass the --storage it used"),
     (["--storage", "sqlite:///s.db"], "no study 'mnist-mlp': --storage sqlite:///s.db does not exist; run the study first, or pass the --storage it used"),
     (["--storage", "sqlite:///{cwd}/s.db"], "no study 'mnist-mlp': --storage sqlite:///{cwd}/s.db does not exist; run the study first, or pass the --storage it used"),
-    (["--storage", "bogus://x"], "cannot open --storage 'bogus://x': NoSuchModuleError: ..."),
+    (["--storage", "bogus://x"], "cannot open --storage 'bogus://x': cannot connect: NoSuchModuleError: ..."),
     (["--tracking-uri", "http://127.0.0.1:9"], "cannot use the MLflow tracking store 'http://127.0.0.1:9': ..."),
     (["--tracking-uri", "./mlruns"], "cannot use the MLflow tracking store './mlruns': ..."),
     (["--tracking-uri", "sqlite:///{cwd}/mlflow.db"], "no MLflow parent run for study 'mnist-mlp': the tracking store {cwd}/mlflow.db does not exist; run the study first, or pass the --tracking-uri (or $MLFLOW_TRACKING_URI) it used"),

@@ -4,8 +4,7 @@ import re
 import pytest
 import torch
 
-from mnist_search import data as mdata
-from mnist_search import train
+from mnist_search import fetch, train
 from mnist_search.data import Data, Split, load_data, load_test
 from mnist_search.model import ACTIVATIONS, MLP, PixelClassifier
 from mnist_search.train import (
@@ -151,9 +150,9 @@ def test_train_command_reports_the_test_accuracy_of_the_model_its_flags_describe
 ):
     """With every test label shifted by one, a model that learned scores ~1 on validation and ~0
     on test: the command's test accuracy must come from the test files."""
-    labels = mdata.raw_dir(synthetic_mnist) / "t10k-labels-idx1-ubyte"
-    mdata.write_idx(labels, (synthetic_images(200, seed=1)[1] + 1) % 10)
-    monkeypatch.setitem(mdata.OFFICIAL_SHA256, labels.name, mdata.sha256_file(labels))
+    labels = fetch.raw_dir(synthetic_mnist) / "t10k-labels-idx1-ubyte"
+    fetch.write_idx(labels, (synthetic_images(200, seed=1)[1] + 1) % 10)
+    monkeypatch.setitem(fetch.OFFICIAL_SHA256, labels.name, fetch.sha256_file(labels))
     flags = ["--hidden", "32", "--epochs", "3", "--batch-size", "50", "--lr", "3e-3"]
     assert train.main([*flags, "--data-dir", str(synthetic_mnist), "--device", "cpu"]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
