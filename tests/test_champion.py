@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 import urllib.request
+from types import SimpleNamespace
 
 import mlflow
 import numpy as np
@@ -18,6 +19,7 @@ from mnist_search import champion, predict
 from mnist_search.data import load_images
 from mnist_search.search import SearchConfig, search
 from mnist_search.storage import open_storage
+from mnist_search.tracking import load_weights
 from mnist_search.train import TrainConfig, build_model
 from tests.conftest import assert_parent_series, free_port, use_synthetic_mnist, wait_for_http
 
@@ -151,6 +153,72 @@ def test_a_worse_model_becomes_challenger(crowned, monkeypatch):
     assert alias == "champion"
     assert str(client.get_model_version_by_alias("mnist-mlp", "champion").version) == version
     assert f"version {version}," in client.get_registered_model("mnist-mlp").description
+
+
+@pytest.fixture(scope="module")
+def crowned_by_cli(tmp_path_factory):
+    """A 1-trial MLP study searched without a champion, then crowned by the champion CLI on
+    its own, with `champion.fit` spied on: what each retrain was given."""
+    tmp = tmp_path_factory.mktemp("cli")
+    uri = f"sqlite:///{tmp}/mlflow.db"
+    fitted, real_fit = [], champion.fit
+
+    def spy(config, data, *args, **kwargs):
+        fitted.append({"config": config, "train_images": len(data.train), "val": data.val})
+        return real_fit(config, data, *args, **kwargs)
+
+    with pytest.MonkeyPatch.context() as mp:  # undone before the tests: each sets what it needs
+        mp.chdir(tmp)
+        mp.setenv("MLFLOW_TRACKING_URI", uri)
+        data_dir = use_synthetic_mnist(mp, tmp / "data")
+        storage = str(tmp / "s.journal")
+        config = SearchConfig(
+            trials=1, epochs=3, pruner="none", data_dir=data_dir, device="cpu", storage=storage,
+            champion=False,
+        )  # fmt: skip
+        result = search(config)
+        assert result.exit_code == 0 and result.champion is None
+        assert not MlflowClient().search_registered_models()  # nothing crowned yet
+        mp.setattr(champion, "fit", spy)
+        argv = ["--study-name", "mnist-mlp", "--storage", storage, "--data-dir", str(data_dir)]
+        code = champion.main([*argv, "--device", "cpu"])
+    study = optuna.load_study(study_name="mnist-mlp", storage=open_storage(storage))
+    return SimpleNamespace(
+        tmp=tmp, uri=uri, data_dir=data_dir, study=study, code=code, fitted=fitted
+    )
+
+
+def test_the_champion_retrains_the_best_trials_config_on_all_training_images(crowned_by_cli):
+    run = crowned_by_cli
+    best = run.study.best_trial
+    (retrain,) = run.fitted  # one member, one seed: one fit
+    _, meta = load_weights(best.user_attrs["mlflow_run_id"], run.uri)
+    searched = meta["config"]  # what the trial's MLflow run says it trained
+    retrained = json.loads(json.dumps(retrain["config"].to_dict()))  # tuples as JSON lists
+    assert retrained["epochs"] == best.user_attrs["best_epoch"]
+    # (on this data validation accuracy peaks at epoch 1 of 3, so epochs_trained would differ)
+    assert {k: v for k, v in retrained.items() if k != "epochs"} == {
+        k: v for k, v in searched.items() if k != "epochs"
+    }
+    _, labels = load_images(run.data_dir, train=True)
+    assert retrain["train_images"] == len(labels) and retrain["val"] is None  # none held out
+
+
+def test_the_champion_cli_crowns_a_study_searched_without_one(crowned_by_cli):
+    run = crowned_by_cli
+    assert run.code == 0
+    client = MlflowClient(run.uri)
+    (only,) = client.search_model_versions("name='mnist-mlp'")
+    version = client.get_model_version_by_alias("mnist-mlp", "champion")
+    assert version.version == only.version
+    assert version.tags["study"] == "mnist-mlp"
+    assert version.tags["trial"] == str(run.study.best_trial.number)
+    champion_run = client.get_run(version.run_id)
+    assert champion_run.info.status == "FINISHED"
+    assert champion_run.data.tags["mnist_search.role"] == "champion"
+    parent_id = champion_run.data.tags["mlflow.parentRunId"]
+    assert parent_id == run.study.user_attrs["mlflow_parent_run_id"]
+    assert client.get_run(parent_id).data.tags["mnist_search.role"] == "study"
 
 
 def digit_canvas() -> np.ndarray:
