@@ -19,7 +19,7 @@ from mnist_search import champion, predict
 from mnist_search.data import load_images
 from mnist_search.search import SearchConfig, search
 from mnist_search.storage import open_storage
-from mnist_search.tracking import load_weights
+from mnist_search.tracking import StudyTracker, load_weights
 from mnist_search.train import TrainConfig, build_model
 from tests.conftest import assert_parent_series, free_port, use_synthetic_mnist, wait_for_http
 
@@ -134,27 +134,6 @@ def test_export_folder_loads_without_the_package_and_onnx_matches(crowned):
     assert probs.shape == (50, 10) and np.allclose(probs.sum(1), 1, atol=1e-5)
 
 
-def test_a_worse_model_becomes_challenger(crowned, monkeypatch):
-    tmp, data_dir, study, metrics = crowned
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp}/mlflow.db")
-    client = MlflowClient()
-    before = client.get_model_version_by_alias("mnist-mlp", "champion").version
-    model = mlflow.pytorch.load_model("models:/mnist-mlp@champion")
-    images, _ = load_images(data_dir, train=False)
-    run_id = client.create_run(client.get_experiment_by_name("mnist-mlp").experiment_id).info.run_id
-    worse = {"test_accuracy": metrics["test_accuracy"] - 0.01}
-    version, alias = champion.register(client, "mnist-mlp", run_id, model, images[:4], worse)
-    assert alias == "challenger"
-    assert str(client.get_model_version_by_alias("mnist-mlp", "champion").version) == str(before)
-    assert f"version {before}," in client.get_registered_model("mnist-mlp").description
-    assert str(client.get_model_version_by_alias("mnist-mlp", "challenger").version) == version
-    equal = {"test_accuracy": metrics["test_accuracy"]}
-    version, alias = champion.register(client, "mnist-mlp", run_id, model, images[:4], equal)
-    assert alias == "champion"
-    assert str(client.get_model_version_by_alias("mnist-mlp", "champion").version) == version
-    assert f"version {version}," in client.get_registered_model("mnist-mlp").description
-
-
 @pytest.fixture(scope="module")
 def crowned_by_cli(tmp_path_factory):
     """A 1-trial MLP study searched without a champion, then crowned by the champion CLI on
@@ -219,6 +198,59 @@ def test_the_champion_cli_crowns_a_study_searched_without_one(crowned_by_cli):
     parent_id = champion_run.data.tags["mlflow.parentRunId"]
     assert parent_id == run.study.user_attrs["mlflow_parent_run_id"]
     assert client.get_run(parent_id).data.tags["mnist_search.role"] == "study"
+
+
+def test_crown_gives_champion_to_a_better_model_and_challenger_to_a_worse(
+    crowned_by_cli, tmp_path, monkeypatch
+):
+    """Three crowns of one study under another registered name. Each reads a test set with
+    some digits relabelled as the next digit: the same model then scores lower, as a worse
+    one would, and crown's own test, tags and registration decide the alias."""
+    run = crowned_by_cli
+    monkeypatch.chdir(tmp_path)  # crown's figures go to ./reports
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", run.uri)  # where crown logs the model
+    client = MlflowClient(run.uri)
+    tracker = StudyTracker("mnist-mlp", run.uri)
+    tracker.require_parent()
+    real_load_images = champion.load_images
+
+    def crown(mislabelled: int) -> dict:
+        def load_images(data_dir, train):
+            images, labels = real_load_images(data_dir, train)
+            if not train:  # digits below `mislabelled` are labelled as the next one
+                labels = torch.where(labels < mislabelled, (labels + 1) % 10, labels)
+            return images, labels
+
+        monkeypatch.setattr(champion, "load_images", load_images)
+        return champion.crown(
+            run.study, tracker, run.data_dir, torch.device("cpu"), register_as="ladder",
+            export_root=tmp_path / "exports", cuda_graphs=False,
+        )  # fmt: skip
+
+    def holder(alias: str) -> str:
+        return str(client.get_model_version_by_alias("ladder", alias).version)
+
+    def described_as_champion(result: dict) -> bool:  # the registered model's page says so
+        text = client.get_registered_model("ladder").description
+        return f"version {result['version']}, test accuracy {result['test_accuracy']:.2%}" in text
+
+    first = crown(mislabelled=5)
+    assert first["alias"] == "champion" and holder("champion") == first["version"]
+    worse = crown(mislabelled=10)
+    assert worse["test_accuracy"] < first["test_accuracy"]
+    assert worse["alias"] == "challenger" and holder("challenger") == worse["version"]
+    assert holder("champion") == first["version"]
+    assert described_as_champion(first)
+    better = crown(mislabelled=0)
+    assert better["test_accuracy"] > first["test_accuracy"]
+    assert better["alias"] == "champion" and holder("champion") == better["version"]
+    assert holder("challenger") == worse["version"]
+    assert described_as_champion(better)
+    for result in (first, worse, better):  # each version's tag is what its crown measured
+        tags = client.get_model_version("ladder", result["version"]).tags
+        assert float(tags["test_accuracy"]) == pytest.approx(result["test_accuracy"], abs=1e-6)
+    # register_as: none of this touched the study's default registered model
+    assert [str(v.version) for v in client.search_model_versions("name='mnist-mlp'")] == ["1"]
 
 
 def digit_canvas() -> np.ndarray:
