@@ -4,6 +4,7 @@ import json
 import os
 import subprocess
 import sys
+import sysconfig
 import urllib.request
 from types import SimpleNamespace
 
@@ -17,6 +18,7 @@ from PIL import Image
 
 from mnist_search import champion, predict
 from mnist_search.data import load_images
+from mnist_search.model import PixelClassifier
 from mnist_search.search import SearchConfig, search
 from mnist_search.storage import open_storage
 from mnist_search.tracking import StudyTracker, load_weights
@@ -106,7 +108,33 @@ def test_loads_agree_and_reproduce_the_test_accuracy(crowned, monkeypatch):
     assert accuracy == pytest.approx(metrics["test_accuracy"], abs=1e-7)
 
 
-def test_export_folder_loads_without_the_package_and_onnx_matches(crowned):
+# Run in the export folder by a bare interpreter: -I ignores PYTHONPATH and the working
+# folder, -S skips site-packages' .pth files (the editable install is one), and the script
+# puts back site-packages itself: what a user without mnist_search has.
+LOAD_WITHOUT_THE_PACKAGE = """
+import sys
+sys.path += sys.argv[3:]
+try:
+    import mnist_search
+except ImportError:
+    pass
+else:
+    sys.exit(f"mnist_search is importable here: {mnist_search.__file__}")
+import json
+import numpy as np
+import onnxruntime
+import torch
+
+state = torch.load("weights.pt", weights_only=True)
+members = len(json.loads(open("config.json").read())["members"])
+session = onnxruntime.InferenceSession("model.onnx", providers=["CPUExecutionProvider"])
+(probs,) = session.run(None, {"pixels": np.load(sys.argv[1])})
+np.save(sys.argv[2], probs)
+print(json.dumps({"tensors": sorted(state), "members": members}))
+"""
+
+
+def test_export_folder_loads_without_the_package_and_onnx_matches(crowned, tmp_path):
     tmp, data_dir, study, metrics = crowned
     out = tmp / "exports/mnist-mlp"
     assert {p.name for p in out.iterdir()} == {
@@ -115,23 +143,33 @@ def test_export_folder_loads_without_the_package_and_onnx_matches(crowned):
         "metrics.json",
         "model.onnx",
     }
-    state = torch.load(out / "weights.pt", weights_only=True)
     config = json.loads((out / "config.json").read_text())
     assert [m["trial"] for m in config["members"]] == [
         t.number for t in champion.members_of(study, 2)
     ]
-    for i, member in enumerate(config["members"]):  # each member's weights fit its config
-        net = build_model(TrainConfig(**member["config"]))
-        net.load_state_dict(
-            {k[len(f"nets.{i}.") :]: v for k, v in state.items() if k.startswith(f"nets.{i}.")}
-        )
-    assert metrics["onnx_max_abs_error"] < 1e-5
-    images, _ = load_images(data_dir, train=False)
-    import onnxruntime
+    nets = [build_model(TrainConfig(**member["config"])) for member in config["members"]]
+    model = PixelClassifier(nets, config["mean"], config["std"]).eval()
+    model.load_state_dict(torch.load(out / "weights.pt", weights_only=True))  # every tensor fits
+    images, labels = load_images(data_dir, train=False)
+    pixels = images.reshape(len(images), -1).float()  # raw 0-255, (N, 784), as model.onnx takes
+    with torch.no_grad():
+        probs = model(pixels).numpy()
+    accuracy = (probs.argmax(1) == labels.numpy()).mean()  # these weights are the champion's
+    assert accuracy == pytest.approx(metrics["test_accuracy"], abs=1e-7)
 
-    session = onnxruntime.InferenceSession(str(out / "model.onnx"))
-    (probs,) = session.run(None, {"pixels": images.reshape(-1, 784).float().numpy()[:50]})
-    assert probs.shape == (50, 10) and np.allclose(probs.sum(1), 1, atol=1e-5)
+    np.save(tmp_path / "pixels.npy", pixels.numpy())
+    site_packages = sorted({sysconfig.get_paths()[k] for k in ("purelib", "platlib")})
+    argv = [str(tmp_path / "pixels.npy"), str(tmp_path / "onnx.npy"), *site_packages]
+    loaded = subprocess.run(
+        [sys.executable, "-I", "-S", "-c", LOAD_WITHOUT_THE_PACKAGE, *argv],
+        cwd=out, capture_output=True, text=True, timeout=600,  # bounds a hang only
+    )  # fmt: skip
+    assert loaded.returncode == 0, loaded.stderr
+    assert json.loads(loaded.stdout) == {"tensors": sorted(model.state_dict()), "members": 2}
+    onnx_probs = np.load(tmp_path / "onnx.npy")
+    assert onnx_probs.shape == probs.shape == (len(images), 10)  # the batch size is dynamic
+    assert np.abs(onnx_probs - probs).max() < 1e-5
+    assert metrics["onnx_max_abs_error"] < 1e-5  # and crown's own check agrees
 
 
 @pytest.fixture(scope="module")
