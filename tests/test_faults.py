@@ -172,6 +172,10 @@ def test_kill_9_mid_trial_then_rerun_loses_nothing(in_tmp, synthetic_mnist):
     assert study.trials[killed].state.name == "FAIL"
     assert study.trials[killed].user_attrs["fail_reason"] == "process died"
     by_id = assert_one_to_one(tmp_path, study)
+    killed_run = by_id[study.trials[killed].user_attrs["mlflow_run_id"]]
+    assert killed_run.info.status == "FAILED"  # it died: not KILLED, which says "stopped"
+    assert killed_run.data.tags["optuna_state"] == "FAIL"
+    assert killed_run.data.tags["fail_reason"] == "process died mid-trial"
     assert not [t for t in study.trials if t.state.name == "RUNNING"]
     for number, trial in before.items():  # everything finished before the kill is intact
         assert study.trials[number].value == trial.value
