@@ -337,9 +337,16 @@ def test_train_cli_rejects_nonsense(argv, message, capsys):
 
 
 def test_champion_cli_rejects_an_unknown_study(in_tmp, capsys):
+    journal = in_tmp / "s.journal"
+    argv = ["--study-name", "nope", "--storage", str(journal)]
     with pytest.raises(SystemExit) as exit_:
-        champion.main(["--study-name", "nope", "--storage", str(in_tmp / "s.journal")])
-    assert exit_.value.code == 2 and "nope" in capsys.readouterr().err
+        champion.main(argv)
+    assert exit_.value.code == 2 and f"no study storage at {journal}" in capsys.readouterr().err
+    assert not journal.exists()  # a mistyped --storage leaves no file behind
+    optuna.create_study(study_name="other", storage=open_storage(str(journal)))
+    with pytest.raises(SystemExit) as exit_:
+        champion.main(argv)
+    assert exit_.value.code == 2 and "no study 'nope'" in capsys.readouterr().err
 
 
 def test_champion_and_report_need_the_studys_mlflow_run(in_tmp, capsys):
