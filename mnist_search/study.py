@@ -101,8 +101,12 @@ def main(argv: list[str] | None = None) -> int:
 
     flags = vars(args)
     flags["champion"] = not flags.pop("no_champion")
+    # Workers start the way this process did only when these flags are its own command line
+    # (a script may pass sys.argv[1:]): flags from a caller in-process (a test under pytest)
+    # get the default launcher.
+    own = argv is None or list(argv) == sys.argv[1:]
     try:
-        result = search(SearchConfig(**flags), launcher=launcher() if argv is None else None)
+        result = search(SearchConfig(**flags), launcher=launcher() if own else None)
     except BadInput as e:
         parser.error(str(e))
     except DataError as e:
