@@ -1,10 +1,13 @@
-"""Retrain, test once, export, register, load, predict, serve: on one tiny synthetic study."""
+"""Retrain, test once, export, register, load, predict, serve: on tiny synthetic studies, a CNN
+ensemble the search crowned and a one-trial MLP the champion CLI crowned on its own."""
 
 import json
 import os
 import subprocess
 import sys
+import sysconfig
 import urllib.request
+from types import SimpleNamespace
 
 import mlflow
 import numpy as np
@@ -16,8 +19,10 @@ from PIL import Image
 
 from mnist_search import champion, predict
 from mnist_search.fetch import load_images
+from mnist_search.model import PixelClassifier
 from mnist_search.search import SearchConfig, search
 from mnist_search.storage import open_storage
+from mnist_search.tracking import StudyTracker, load_weights
 from mnist_search.train import TrainConfig, build_model
 from tests.conftest import assert_parent_series, free_port, use_synthetic_mnist, wait_for_http
 
@@ -104,7 +109,33 @@ def test_loads_agree_and_reproduce_the_test_accuracy(crowned, monkeypatch):
     assert accuracy == pytest.approx(metrics["test_accuracy"], abs=1e-7)
 
 
-def test_export_folder_loads_without_the_package_and_onnx_matches(crowned):
+# Run in the export folder by a bare interpreter: -I ignores PYTHONPATH and the working
+# folder, -S skips site-packages' .pth files (the editable install is one), and the script
+# puts back site-packages itself: what a user without mnist_search has.
+LOAD_WITHOUT_THE_PACKAGE = """
+import sys
+sys.path += sys.argv[3:]
+try:
+    import mnist_search
+except ImportError:
+    pass
+else:
+    sys.exit(f"mnist_search is importable here: {mnist_search.__file__}")
+import json
+import numpy as np
+import onnxruntime
+import torch
+
+state = torch.load("weights.pt", weights_only=True)
+members = len(json.loads(open("config.json").read())["members"])
+session = onnxruntime.InferenceSession("model.onnx", providers=["CPUExecutionProvider"])
+(probs,) = session.run(None, {"pixels": np.load(sys.argv[1])})
+np.save(sys.argv[2], probs)
+print(json.dumps({"tensors": sorted(state), "members": members}))
+"""
+
+
+def test_export_folder_loads_without_the_package_and_onnx_matches(crowned, tmp_path):
     tmp, data_dir, study, metrics = crowned
     out = tmp / "exports/mnist-mlp"
     assert {p.name for p in out.iterdir()} == {
@@ -113,44 +144,152 @@ def test_export_folder_loads_without_the_package_and_onnx_matches(crowned):
         "metrics.json",
         "model.onnx",
     }
-    state = torch.load(out / "weights.pt", weights_only=True)
     config = json.loads((out / "config.json").read_text())
     assert [m["trial"] for m in config["members"]] == [
         t.number for t in champion.members_of(study, 2)
     ]
-    for i, member in enumerate(config["members"]):  # each member's weights fit its config
-        net = build_model(TrainConfig(**member["config"]))
-        net.load_state_dict(
-            {k[len(f"nets.{i}.") :]: v for k, v in state.items() if k.startswith(f"nets.{i}.")}
-        )
-    assert metrics["onnx_max_abs_error"] < 1e-5
-    images, _ = load_images(data_dir, train=False)
-    import onnxruntime
+    nets = [build_model(TrainConfig(**member["config"])) for member in config["members"]]
+    model = PixelClassifier(nets, config["mean"], config["std"]).eval()
+    model.load_state_dict(torch.load(out / "weights.pt", weights_only=True))  # every tensor fits
+    images, labels = load_images(data_dir, train=False)
+    pixels = images.reshape(len(images), -1).float()  # raw 0-255, (N, 784), as model.onnx takes
+    with torch.no_grad():
+        probs = model(pixels).numpy()
+    accuracy = (probs.argmax(1) == labels.numpy()).mean()  # these weights are the champion's
+    assert accuracy == pytest.approx(metrics["test_accuracy"], abs=1e-7)
 
-    session = onnxruntime.InferenceSession(str(out / "model.onnx"))
-    (probs,) = session.run(None, {"pixels": images.reshape(-1, 784).float().numpy()[:50]})
-    assert probs.shape == (50, 10) and np.allclose(probs.sum(1), 1, atol=1e-5)
+    np.save(tmp_path / "pixels.npy", pixels.numpy())
+    site_packages = sorted({sysconfig.get_paths()[k] for k in ("purelib", "platlib")})
+    argv = [str(tmp_path / "pixels.npy"), str(tmp_path / "onnx.npy"), *site_packages]
+    loaded = subprocess.run(
+        [sys.executable, "-I", "-S", "-c", LOAD_WITHOUT_THE_PACKAGE, *argv],
+        cwd=out, capture_output=True, text=True, timeout=600,  # bounds a hang only
+    )  # fmt: skip
+    assert loaded.returncode == 0, loaded.stderr
+    assert json.loads(loaded.stdout) == {"tensors": sorted(model.state_dict()), "members": 2}
+    onnx_probs = np.load(tmp_path / "onnx.npy")
+    assert onnx_probs.shape == probs.shape == (len(images), 10)  # the batch size is dynamic
+    assert np.abs(onnx_probs - probs).max() < 1e-5
+    assert metrics["onnx_max_abs_error"] < 1e-5  # and crown's own check agrees
 
 
-def test_a_worse_model_becomes_challenger(crowned, monkeypatch):
-    tmp, data_dir, study, metrics = crowned
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp}/mlflow.db")
-    client = MlflowClient()
-    before = client.get_model_version_by_alias("mnist-mlp", "champion").version
-    model = mlflow.pytorch.load_model("models:/mnist-mlp@champion")
-    images, _ = load_images(data_dir, train=False)
-    run_id = client.create_run(client.get_experiment_by_name("mnist-mlp").experiment_id).info.run_id
-    worse = {"test_accuracy": metrics["test_accuracy"] - 0.01}
-    version, alias = champion.register(client, "mnist-mlp", run_id, model, images[:4], worse)
-    assert alias == "challenger"
-    assert str(client.get_model_version_by_alias("mnist-mlp", "champion").version) == str(before)
-    assert f"version {before}," in client.get_registered_model("mnist-mlp").description
-    assert str(client.get_model_version_by_alias("mnist-mlp", "challenger").version) == version
-    equal = {"test_accuracy": metrics["test_accuracy"]}
-    version, alias = champion.register(client, "mnist-mlp", run_id, model, images[:4], equal)
-    assert alias == "champion"
-    assert str(client.get_model_version_by_alias("mnist-mlp", "champion").version) == version
-    assert f"version {version}," in client.get_registered_model("mnist-mlp").description
+@pytest.fixture(scope="module")
+def crowned_by_cli(tmp_path_factory):
+    """A 1-trial MLP study searched without a champion, then crowned by the champion CLI on
+    its own, with `champion.fit` spied on: what each retrain was given."""
+    tmp = tmp_path_factory.mktemp("cli")
+    uri = f"sqlite:///{tmp}/mlflow.db"
+    fitted, real_fit = [], champion.fit
+
+    def spy(config, data, *args, **kwargs):
+        fitted.append({"config": config, "train_images": len(data.train), "val": data.val})
+        return real_fit(config, data, *args, **kwargs)
+
+    with pytest.MonkeyPatch.context() as mp:  # undone before the tests: each sets what it needs
+        mp.chdir(tmp)
+        mp.setenv("MLFLOW_TRACKING_URI", uri)
+        data_dir = use_synthetic_mnist(mp, tmp / "data")
+        storage = str(tmp / "s.journal")
+        config = SearchConfig(
+            trials=1, epochs=3, pruner="none", data_dir=data_dir, device="cpu", storage=storage,
+            champion=False,
+        )  # fmt: skip
+        result = search(config)
+        assert result.exit_code == 0 and result.champion is None
+        assert not MlflowClient().search_registered_models()  # nothing crowned yet
+        mp.setattr(champion, "fit", spy)
+        argv = ["--study-name", "mnist-mlp", "--storage", storage, "--data-dir", str(data_dir)]
+        code = champion.main([*argv, "--device", "cpu"])
+    study = optuna.load_study(study_name="mnist-mlp", storage=open_storage(storage))
+    return SimpleNamespace(
+        tmp=tmp, uri=uri, data_dir=data_dir, study=study, code=code, fitted=fitted
+    )
+
+
+def test_the_champion_retrains_the_best_trials_config_on_all_training_images(crowned_by_cli):
+    run = crowned_by_cli
+    best = run.study.best_trial
+    (retrain,) = run.fitted  # one member, one seed: one fit
+    _, meta = load_weights(best.user_attrs["mlflow_run_id"], run.uri)
+    searched = meta["config"]  # what the trial's MLflow run says it trained
+    retrained = json.loads(json.dumps(retrain["config"].to_dict()))  # tuples as JSON lists
+    assert retrained["epochs"] == best.user_attrs["best_epoch"]
+    # (on this data validation accuracy peaks at epoch 1 of 3, so epochs_trained would differ)
+    assert {k: v for k, v in retrained.items() if k != "epochs"} == {
+        k: v for k, v in searched.items() if k != "epochs"
+    }
+    _, labels = load_images(run.data_dir, train=True)
+    assert retrain["train_images"] == len(labels) and retrain["val"] is None  # none held out
+
+
+def test_the_champion_cli_crowns_a_study_searched_without_one(crowned_by_cli):
+    run = crowned_by_cli
+    assert run.code == 0
+    client = MlflowClient(run.uri)
+    (only,) = client.search_model_versions("name='mnist-mlp'")
+    version = client.get_model_version_by_alias("mnist-mlp", "champion")
+    assert version.version == only.version
+    assert version.tags["study"] == "mnist-mlp"
+    assert version.tags["trial"] == str(run.study.best_trial.number)
+    champion_run = client.get_run(version.run_id)
+    assert champion_run.info.status == "FINISHED"
+    assert champion_run.data.tags["mnist_search.role"] == "champion"
+    parent_id = champion_run.data.tags["mlflow.parentRunId"]
+    assert parent_id == run.study.user_attrs["mlflow_parent_run_id"]
+    assert client.get_run(parent_id).data.tags["mnist_search.role"] == "study"
+
+
+def test_crown_gives_champion_to_a_better_model_and_challenger_to_a_worse(
+    crowned_by_cli, tmp_path, monkeypatch
+):
+    """Three crowns of one study under another registered name. Each reads a test set with
+    some digits relabelled as the next digit: the same model then scores lower, as a worse
+    one would, and crown's own test, tags and registration decide the alias."""
+    run = crowned_by_cli
+    monkeypatch.chdir(tmp_path)  # crown's figures go to ./reports
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", run.uri)  # where crown logs the model
+    client = MlflowClient(run.uri)
+    tracker = StudyTracker("mnist-mlp", run.uri)
+    tracker.require_parent()
+    real_load_images = champion.load_images
+
+    def crown(mislabelled: int) -> dict:
+        def load_images(data_dir, train):
+            images, labels = real_load_images(data_dir, train)
+            if not train:  # digits below `mislabelled` are labelled as the next one
+                labels = torch.where(labels < mislabelled, (labels + 1) % 10, labels)
+            return images, labels
+
+        monkeypatch.setattr(champion, "load_images", load_images)
+        return champion.crown(
+            run.study, tracker, run.data_dir, torch.device("cpu"), register_as="ladder",
+            export_root=tmp_path / "exports", cuda_graphs=False,
+        )  # fmt: skip
+
+    def holder(alias: str) -> str:
+        return str(client.get_model_version_by_alias("ladder", alias).version)
+
+    def described_as_champion(result: dict) -> bool:  # the registered model's page says so
+        text = client.get_registered_model("ladder").description
+        return f"version {result['version']}, test accuracy {result['test_accuracy']:.2%}" in text
+
+    first = crown(mislabelled=5)
+    assert first["alias"] == "champion" and holder("champion") == first["version"]
+    worse = crown(mislabelled=10)
+    assert worse["test_accuracy"] < first["test_accuracy"]
+    assert worse["alias"] == "challenger" and holder("challenger") == worse["version"]
+    assert holder("champion") == first["version"]
+    assert described_as_champion(first)
+    better = crown(mislabelled=0)
+    assert better["test_accuracy"] > first["test_accuracy"]
+    assert better["alias"] == "champion" and holder("champion") == better["version"]
+    assert holder("challenger") == worse["version"]
+    assert described_as_champion(better)
+    for result in (first, worse, better):  # each version's tag is what its crown measured
+        tags = client.get_model_version("ladder", result["version"]).tags
+        assert float(tags["test_accuracy"]) == pytest.approx(result["test_accuracy"], abs=1e-6)
+    # register_as: none of this touched the study's default registered model
+    assert [str(v.version) for v in client.search_model_versions("name='mnist-mlp'")] == ["1"]
 
 
 def digit_canvas() -> np.ndarray:
@@ -193,24 +332,32 @@ def test_an_mnist_digit_is_left_almost_as_it_was(real_mnist):
         assert similarity(predict.to_mnist(Image.fromarray(image)), image) > 0.85
 
 
-def test_predict_cli_reports_each_image_and_errors_per_file(crowned, tmp_path, capsys):
+def test_predict_cli_prints_the_models_digit_for_each_image_and_errors_per_file(
+    crowned, tmp_path, capsys, monkeypatch
+):
     tmp, _, _, _ = crowned
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp}/mlflow.db")
     Image.fromarray(digit_canvas()).save(tmp_path / "seven.png")
     Image.fromarray(255 - digit_canvas()).convert("RGB").save(tmp_path / "seven.jpg")
+    bar = np.zeros((40, 30), np.uint8)
+    bar[5:35, 13:17] = 200  # a '1'-ish stroke
+    Image.fromarray(bar).save(tmp_path / "one.png")
     (tmp_path / "broken.png").write_bytes(b"\x89PNG not really")
     Image.new("L", (28, 28), 255).save(tmp_path / "blank.png")
-    files = ["seven.png", "broken.png", "seven.jpg", "blank.png"]
+    files = ["seven.png", "broken.png", "seven.jpg", "one.png", "blank.png"]
     argv = [str(tmp_path / f) for f in files] + ["--tracking-uri", f"sqlite:///{tmp}/mlflow.db"]
     assert predict.main(argv) == 1  # some files failed
     out, err = capsys.readouterr()
-    lines = out.strip().splitlines()
-    assert [line.split(":")[0] for line in lines] == [
-        str(tmp_path / "seven.png"),
-        str(tmp_path / "seven.jpg"),
-    ]
-    for line in lines:
-        digit, prob = line.split(": ")[1].split(" (p=")
-        assert 0 <= int(digit) <= 9 and 0 < float(prob.rstrip(")")) <= 1
+    # the model's own answer for each readable file, through MLflow's pyfunc loader and NumPy
+    # (predict uses the PyTorch flavor), from the same preprocessed 28x28 image
+    model = mlflow.pyfunc.load_model("models:/mnist-mlp@champion", model_config={"device": "cpu"})
+    expected = []
+    for name in ("seven.png", "seven.jpg", "one.png"):
+        pixels = predict.load_image(tmp_path / name).reshape(1, 784).astype(np.float32)
+        probs = np.asarray(model.predict(pixels))[0]
+        digit = int(probs.argmax())
+        expected.append(f"{tmp_path / name}: {digit} (p={probs[digit]:.3f})")
+    assert out.strip().splitlines() == expected
     assert "broken.png: error: cannot read image" in err
     assert "blank.png: error: no digit found" in err
 

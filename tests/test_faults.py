@@ -171,6 +171,10 @@ def test_kill_9_mid_trial_then_rerun_loses_nothing(in_tmp, synthetic_mnist):
     assert study.trials[killed].state.name == "FAIL"
     assert study.trials[killed].user_attrs["fail_reason"] == "process died"
     by_id = assert_one_to_one(tmp_path, study)
+    killed_run = by_id[study.trials[killed].user_attrs["mlflow_run_id"]]
+    assert killed_run.info.status == "FAILED"  # it died: not KILLED, which says "stopped"
+    assert killed_run.data.tags["optuna_state"] == "FAIL"
+    assert killed_run.data.tags["fail_reason"] == "process died mid-trial"
     assert not [t for t in study.trials if t.state.name == "RUNNING"]
     for number, trial in before.items():  # everything finished before the kill is intact
         assert study.trials[number].value == trial.value
@@ -332,9 +336,17 @@ def test_train_cli_rejects_nonsense(argv, message, capsys):
 
 
 def test_champion_cli_rejects_an_unknown_study(in_tmp, capsys):
+    journal = in_tmp / "s.journal"
+    argv = ["--study-name", "nope", "--storage", str(journal)]
     with pytest.raises(SystemExit) as exit_:
-        champion.main(["--study-name", "nope", "--storage", str(in_tmp / "s.journal")])
-    assert exit_.value.code == 2 and "nope" in capsys.readouterr().err
+        champion.main(argv)
+    error = capsys.readouterr().err
+    assert exit_.value.code == 2 and f"no study 'nope': --storage {journal} does not exist" in error
+    assert not journal.exists()  # a mistyped --storage leaves no file behind
+    optuna.create_study(study_name="other", storage=open_storage(str(journal)))
+    with pytest.raises(SystemExit) as exit_:
+        champion.main(argv)
+    assert exit_.value.code == 2 and "no study 'nope'" in capsys.readouterr().err
 
 
 def test_champion_and_report_need_the_studys_mlflow_run(in_tmp, capsys):
