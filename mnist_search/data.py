@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from mnist_search import fetch
+from mnist_search.cli import check_folder
 
 VAL_SIZE = 10_000  # held out of 60,000, stratified: per-class rounding makes it 10,001
 SPLIT_SEED = 0  # fixed so that every study selects on the same validation images
@@ -122,6 +123,7 @@ def main(argv: list[str] | None = None) -> int:
         help=f"where MNIST lives (default: ${fetch.DATA_DIR_ENV} or ./data; now %(default)s)",
     )
     args = parser.parse_args(argv)
+    check_folder(parser, "--data-dir", args.data_dir)  # before any download lands beside a file
     try:
         source = fetch.ensure_mnist(args.data_dir)
     except fetch.DataError as e:

@@ -335,20 +335,6 @@ def test_train_cli_rejects_nonsense(argv, message, capsys):
     assert exit_.value.code == 2 and message in capsys.readouterr().err
 
 
-def test_champion_cli_rejects_an_unknown_study(in_tmp, capsys):
-    journal = in_tmp / "s.journal"
-    argv = ["--study-name", "nope", "--storage", str(journal)]
-    with pytest.raises(SystemExit) as exit_:
-        champion.main(argv)
-    error = capsys.readouterr().err
-    assert exit_.value.code == 2 and f"no study 'nope': --storage {journal} does not exist" in error
-    assert not journal.exists()  # a mistyped --storage leaves no file behind
-    optuna.create_study(study_name="other", storage=open_storage(str(journal)))
-    with pytest.raises(SystemExit) as exit_:
-        champion.main(argv)
-    assert exit_.value.code == 2 and "no study 'nope'" in capsys.readouterr().err
-
-
 def test_champion_and_report_need_the_studys_mlflow_run(in_tmp, capsys):
     from mnist_search import report
 
