@@ -30,7 +30,7 @@ from mnist_search.data import load_data
 from mnist_search.fetch import data_digest, load_images
 from mnist_search.model import PixelClassifier, training_flops_per_sample
 from mnist_search.space import config_from_params, study_space
-from mnist_search.storage import DEFAULT_STORAGE, load_existing_study
+from mnist_search.storage import DEFAULT_STORAGE
 from mnist_search.tracking import env_defaults, lifecycle
 from mnist_search.train import TrainConfig, fit
 
@@ -404,9 +404,8 @@ def main(argv: list[str] | None = None) -> int:
     if not args.register_as:
         p.error("--register-as must not be empty")
 
-    from mnist_search.cli import check_existing_study, check_folder
+    from mnist_search.cli import check_folder, open_existing_study
     from mnist_search.fetch import DataError, default_data_dir, ensure_mnist
-    from mnist_search.tracking import StudyTracker, TrackingError
     from mnist_search.train import resolve_device
 
     data_dir = args.data_dir or default_data_dir()
@@ -415,19 +414,7 @@ def main(argv: list[str] | None = None) -> int:
         device = resolve_device(args.device)
     except ValueError as e:
         p.error(str(e))
-    tracking_uri = args.tracking_uri or mlflow.get_tracking_uri()
-    check_existing_study(p, args.study_name, args.storage, tracking_uri)
-    try:
-        study = load_existing_study(args.study_name, args.storage)
-    except ValueError as e:  # its message names the flag
-        p.error(str(e))
-    except Exception as e:  # noqa: BLE001 - SQLAlchemy and Optuna raise many kinds
-        p.error(f"cannot open --storage {args.storage!r}: {type(e).__name__}: {e}")
-    try:
-        tracker = StudyTracker(args.study_name, args.tracking_uri)
-        tracker.require_parent()
-    except TrackingError as e:
-        p.error(str(e))
+    study, tracker = open_existing_study(p, args.study_name, args.storage, args.tracking_uri)
     if not any(t.state.name == "COMPLETE" for t in study.get_trials(deepcopy=False)):
         p.error(f"--study-name {args.study_name!r} has no completed trial to retrain; run it first")
     try:  # before the champion's run is made: unverified or missing files end it here

@@ -6,6 +6,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from mnist_search.storage import sqlite_path
+
 SPACES = ("mlp", "cnn", "all")  # the search spaces of space.py, named here for instant --help
 PRUNERS = ("hyperband", "median", "none")  # how search.py stops trials early
 
@@ -40,41 +42,40 @@ def check_folder(p: argparse.ArgumentParser, flag: str, path: Path) -> None:
         p.error(f"{flag} {path} cannot be a folder: {existing} is a file")
 
 
-def sqlite_path(url: str) -> Path | None:
-    """The database file of a `sqlite:///PATH` URL; None for any other URL or an in-memory one."""
-    if not url.startswith("sqlite:///"):
-        return None
-    path = url.removeprefix("sqlite:///").split("?", 1)[0]
-    return Path(path) if path not in ("", ":memory:") else None
+def open_existing_study(
+    p: argparse.ArgumentParser, study_name: str, storage: str, tracking_uri: str | None
+):
+    """(study, its StudyTracker) for commands that add to a study a former `study` made
+    (champion, report), or exit 2 naming the flag. Stores that are not there are refused
+    before they are opened (opening a journal file or SQLite database creates it)."""
+    import mlflow
 
+    from mnist_search.storage import load_existing_study
+    from mnist_search.tracking import StudyTracker, TrackingError
 
-def check_existing_study(
-    p: argparse.ArgumentParser, study_name: str, storage: str, tracking_uri: str
-) -> None:
-    """For commands that add to a study that a former `study` made (champion, report): refuse an
-    empty name, and stores that cannot hold the study, before opening any (opening a journal file
-    or SQLite database that is not there creates it, and leaves it behind). `tracking_uri`: the
-    one in effect (the flag's, else MLflow's)."""
     if not study_name:
         p.error("--study-name must not be empty")
-    if "://" in storage:
-        path = sqlite_path(storage)
-    else:
-        path = Path(storage)
-        if path.is_dir():
-            p.error(f"--storage {storage} is a folder: pass the study's journal file or RDB URL")
-    if path is not None and not path.exists():
-        p.error(
-            f"no study {study_name!r}: --storage {storage} does not exist; run the study first, "
-            "or pass the --storage it used"
-        )
-    path = sqlite_path(tracking_uri)
+    if "://" not in storage and Path(storage).is_dir():
+        p.error(f"--storage {storage} is a folder: pass the study's journal file or RDB URL")
+    try:
+        study = load_existing_study(study_name, storage)
+    except ValueError as e:  # its message names the flag
+        p.error(str(e))
+    except Exception as e:  # noqa: BLE001 - SQLAlchemy and Optuna raise many kinds
+        p.error(f"cannot open --storage {storage!r}: {type(e).__name__}: {e}")
+    path = sqlite_path(tracking_uri or mlflow.get_tracking_uri())
     if path is not None and not path.exists():
         p.error(
             f"no MLflow parent run for study {study_name!r}: the tracking store {path} does not "
             "exist; run the study first, or pass the --tracking-uri (or $MLFLOW_TRACKING_URI) "
             "it used"
         )
+    try:
+        tracker = StudyTracker(study_name, tracking_uri)
+        tracker.require_parent()
+    except TrackingError as e:
+        p.error(str(e))
+    return study, tracker
 
 
 def add_device_flags(p: argparse.ArgumentParser) -> None:

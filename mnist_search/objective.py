@@ -12,6 +12,7 @@ import socket
 import time
 
 import optuna
+from optuna.trial import TrialState
 
 from mnist_search import interrupts
 from mnist_search.model import training_flops_per_sample
@@ -37,8 +38,6 @@ def places_taken_before(trial: optuna.Trial) -> int:
     append-only log, and an RDB storage locks the study's row while it numbers a new trial. So
     once a trial exists, every trial numbered before it is visible to its worker, and workers
     that all created a trial at the same moment agree on which ones came first."""
-    from optuna.trial import TrialState
-
     states = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING)
     earlier = trial.study.get_trials(deepcopy=False, states=states)
     return sum(t.number < trial.number for t in earlier)

@@ -14,7 +14,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from mnist_search.cli import HelpFormatter, sqlite_path
+from mnist_search.cli import HelpFormatter
+from mnist_search.storage import sqlite_path
 
 
 class ImageError(ValueError):

@@ -101,7 +101,7 @@ def confident_mistakes(images, labels, probs, path: Path, count: int = 24) -> Pa
 
 
 def main(argv: list[str] | None = None) -> int:
-    from mnist_search.cli import check_existing_study, check_folder
+    from mnist_search.cli import check_folder, open_existing_study
 
     p = argparse.ArgumentParser(
         prog="python -m mnist_search.report",
@@ -116,24 +116,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.out is not None:
         check_folder(p, "--out", args.out)
 
-    import mlflow
-
-    from mnist_search.storage import load_existing_study
-    from mnist_search.tracking import StudyTracker, TrackingError
-
-    tracking_uri = args.tracking_uri or mlflow.get_tracking_uri()
-    check_existing_study(p, args.study_name, args.storage, tracking_uri)
-    try:
-        study = load_existing_study(args.study_name, args.storage)
-    except ValueError as e:  # its message names the flag
-        p.error(str(e))
-    except Exception as e:  # noqa: BLE001 - SQLAlchemy and Optuna raise many kinds
-        p.error(f"cannot open --storage {args.storage!r}: {type(e).__name__}: {e}")
-    try:
-        tracker = StudyTracker(args.study_name, args.tracking_uri)
-        tracker.require_parent()
-    except TrackingError as e:
-        p.error(str(e))
+    study, tracker = open_existing_study(p, args.study_name, args.storage, args.tracking_uri)
     out = args.out or Path("reports") / args.study_name / "figures"
     for path in study_figures(study, out):
         tracker.log_parent_file(path, "figures")

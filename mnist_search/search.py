@@ -356,7 +356,7 @@ def search(config: SearchConfig, launcher: list[str] | None = None) -> SearchRes
                 except KeyboardInterrupt:
                     code = interrupts.exit_code()
             else:
-                command = [*(launcher or [sys.executable, "-m", "mnist_search.study"])]
+                command = launcher or [sys.executable, "-m", "mnist_search.study"]
                 children = workers.spawn(
                     [*command, *config.to_argv(), "--no-champion"], config.workers
                 )

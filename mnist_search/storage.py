@@ -14,6 +14,14 @@ DEFAULT_STORAGE = "optuna-journal.log"
 SQLITE = "sqlite:///"
 
 
+def sqlite_path(url: str) -> Path | None:
+    """The database file of a `sqlite:///PATH` URL; None for any other URL or an in-memory one."""
+    if not url.startswith(SQLITE):
+        return None
+    path = url.removeprefix(SQLITE).split("?", 1)[0]
+    return Path(path) if path not in ("", ":memory:") else None
+
+
 def _check_file(path: Path, what: str) -> None:
     if path.is_dir():
         raise ValueError(f"{path} is a folder; give a {what} inside it, e.g. {path / 'study.db'}")
@@ -29,7 +37,8 @@ def check_storage(url: str) -> None:
     if "://" not in url:
         _check_file(Path(url), "journal file")
     elif url.startswith(SQLITE):
-        _check_file(Path(url[len(SQLITE) :]), "SQLite file")
+        if (path := sqlite_path(url)) is not None:  # None: a database in memory
+            _check_file(path, "SQLite file")
     else:
         import sqlalchemy
 
@@ -62,8 +71,8 @@ def load_existing_study(name: str, url: str):
         check_storage(url)
     except ValueError as e:
         raise ValueError(f"cannot open --storage {url!r}: {e}") from None
-    path = Path(url[len(SQLITE) :] if url.startswith(SQLITE) else url)
-    if ("://" not in url or url.startswith(SQLITE)) and not path.exists():
+    path = Path(url) if "://" not in url else sqlite_path(url)
+    if path is not None and not path.exists():
         raise ValueError(
             f"no study {name!r}: --storage {url} does not exist; run the study first, or pass "
             "the --storage it used"
