@@ -18,7 +18,7 @@ import numpy as np
 
 from mnist_search.fetch import default_data_dir, load_images
 
-URI = "models:/mnist-mlp@champion"
+URI = "models:/default@champion"  # gpu_check.sh's study `default`, registered under its name
 PORT = 5077
 
 

@@ -3,7 +3,7 @@
     python experiments/screenshots.py STUDY_DIR [--out docs] [--study-name mnist-mlp]
 
 STUDY_DIR is the folder a study ran in (its `mlflow.db` and `mlruns/`), e.g. after
-`python -m mnist_search.study --trials 12 --epochs 3` there. The script starts `mlflow ui` on
+`python -m mnist_search.study --trials 12 --epochs 3 --space mlp` there. It starts `mlflow ui` on
 loopback in that folder and Debian's chromium through chromedriver (`apt-get install -y chromium
 chromium-driver`), drives them over the WebDriver protocol (plain HTTP, so no selenium), and
 writes, in --out:

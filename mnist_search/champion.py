@@ -25,7 +25,14 @@ import torch
 from mlflow import MlflowClient
 
 from mnist_search import interrupts
-from mnist_search.cli import add_champion_flags, add_device_flags, check_champion_flags
+from mnist_search.cli import (
+    DEFAULT_SPACE,
+    SPACE_DEFAULTS,
+    add_champion_flags,
+    add_device_flags,
+    check_champion_flags,
+    default_name,
+)
 from mnist_search.data import load_data
 from mnist_search.fetch import data_digest, load_images
 from mnist_search.model import PixelClassifier, training_flops_per_sample
@@ -253,19 +260,21 @@ def crown(
     tracker,
     data_dir: Path,
     device,
-    register_as: str = "mnist-mlp",
+    register_as: str | None = None,
     export_root: Path = Path("exports"),
     cuda_graphs: bool = True,
     ensemble: int = 1,
     seeds: int = 1,
 ) -> dict:
     """Retrain the study's `ensemble` best trials on all training images, test once, export,
-    register. With `seeds` > 1, the same recipe is also retrained with seeds + 1, + 2, ... and
-    tested, to report the spread of test accuracy over seeds; only the first model ships.
+    register as `register_as` (default: the study's name). With `seeds` > 1, the same recipe is
+    also retrained with seeds + 1, + 2, ... and tested, to report the spread of test accuracy
+    over seeds; only the first model ships.
 
     A Ctrl-C or SIGTERM caught by `interrupts.deferred()` stops it between two steps (or
     retrain epochs) as KeyboardInterrupt, with its run KILLED; any other error leaves it FAILED.
     """
+    register_as = register_as or study.study_name
     members = members_of(study, ensemble)
     configs = retrain_configs(study, members)
     numbers = [t.number for t in members]
@@ -324,7 +333,7 @@ def crown(
         per_class = enumerate(report["per_class"])
         run.log_metrics({f"test_accuracy_class_{digit}": acc for digit, acc in per_class})
         interrupts.check()
-        figures = model_figures(report, images, labels, Path("reports") / study.study_name)
+        figures = model_figures(report, images, labels, Path("reports") / register_as)
         run.log_artifacts(figures, "figures")
         interrupts.check()
         with tempfile.TemporaryDirectory() as tmp:
@@ -348,7 +357,7 @@ def crown(
             "their argmax",
             "study": study.study_name,
         }
-        out = export_folder(model, meta, images, export_root / study.study_name)
+        out = export_folder(model, meta, images, export_root / register_as)
         if (out / "model.onnx").exists():
             error = onnx_max_error(model, out / "model.onnx", images)
             if error is not None:
@@ -393,7 +402,7 @@ def main(argv: list[str] | None = None) -> int:
         "training data, test once, export and register it.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    p.add_argument("--study-name", default="mnist-mlp")
+    p.add_argument("--study-name", default=default_name(DEFAULT_SPACE))
     p.add_argument("--storage", default=DEFAULT_STORAGE)
     p.add_argument("--tracking-uri", default=None)
     p.add_argument("--data-dir", type=Path, default=None)
@@ -401,7 +410,7 @@ def main(argv: list[str] | None = None) -> int:
     add_champion_flags(p)
     args = p.parse_args(argv)
     check_champion_flags(p, args)
-    if not args.register_as:
+    if args.register_as == "":
         p.error("--register-as must not be empty")
 
     from mnist_search.cli import check_folder, open_existing_study
@@ -425,8 +434,9 @@ def main(argv: list[str] | None = None) -> int:
     with interrupts.deferred():  # Ctrl-C and `kill` stop between steps, never mid-write
         try:
             crown(
-                study, tracker, data_dir, device, args.register_as,
-                cuda_graphs=args.cuda_graphs, ensemble=args.ensemble, seeds=args.seeds,
+                study, tracker, data_dir, device, args.register_as or args.study_name,
+                cuda_graphs=args.cuda_graphs, seeds=args.seeds,
+                ensemble=args.ensemble or SPACE_DEFAULTS[study_space(study)]["ensemble"],
             )  # fmt: skip
         except KeyboardInterrupt:
             print("interrupted: the champion's run ended KILLED; rerun to crown", file=sys.stderr)

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from mnist_search.cli import HelpFormatter
+from mnist_search.cli import DEFAULT_SPACE, HelpFormatter, default_name
 from mnist_search.storage import sqlite_path
 
 
@@ -83,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("images", nargs="+", type=Path, help="PNG/JPEG files, any size or colors")
     p.add_argument(
         "--model-uri",
-        default="models:/mnist-mlp@champion",
+        default=f"models:/{default_name(DEFAULT_SPACE)}@champion",
         help="an MLflow model: models:/NAME@ALIAS, models:/NAME/VERSION, runs:/ID/model, a path",
     )
     p.add_argument(

@@ -101,14 +101,14 @@ def confident_mistakes(images, labels, probs, path: Path, count: int = 24) -> Pa
 
 
 def main(argv: list[str] | None = None) -> int:
-    from mnist_search.cli import check_folder, open_existing_study
+    from mnist_search.cli import DEFAULT_SPACE, check_folder, default_name, open_existing_study
 
     p = argparse.ArgumentParser(
         prog="python -m mnist_search.report",
         description="Draw a study's figures and log them to its MLflow parent run.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    p.add_argument("--study-name", default="mnist-mlp")
+    p.add_argument("--study-name", default=default_name(DEFAULT_SPACE))
     p.add_argument("--storage", default=DEFAULT_STORAGE)
     p.add_argument("--tracking-uri", default=None)
     p.add_argument("--out", type=Path, default=None, help="default: reports/STUDY/figures")

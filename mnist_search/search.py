@@ -22,7 +22,7 @@ import torch
 
 from mnist_search import interrupts, workers
 from mnist_search.champion import crown
-from mnist_search.cli import PRUNERS, SPACES
+from mnist_search.cli import DEFAULT_SPACE, PRUNERS, SPACE_DEFAULTS, SPACES, default_name
 from mnist_search.data import VAL_SIZE, load_data
 from mnist_search.fetch import data_digest, default_data_dir, ensure_mnist
 from mnist_search.objective import OVER_BUDGET, OverBudget, make_objective
@@ -52,9 +52,9 @@ class SearchConfig:
     """One search: what the `study` command's flags say (`python -m mnist_search.study --help`)."""
 
     trials: int = 50  # finished (complete + pruned) trials the study should have, never more
-    epochs: int = 10  # most epochs per trial
-    space: str = "mlp"  # the model families the sampler may choose: mlp | cnn | all
-    study_name: str = "mnist-mlp"  # the study to create or resume
+    epochs: int | None = None  # most epochs per trial; None: the space's (cli.SPACE_DEFAULTS)
+    space: str = DEFAULT_SPACE  # the model families the sampler may choose: mlp | cnn | all
+    study_name: str | None = None  # the study to create or resume; None: mnist-SPACE
     storage: str = DEFAULT_STORAGE  # a journal file path or an RDB URL
     tracking_uri: str | None = None  # None: $MLFLOW_TRACKING_URI, else MLflow's default
     data_dir: Path | None = None  # None: $MNIST_SEARCH_DATA, else ./data
@@ -65,12 +65,22 @@ class SearchConfig:
     timeout: float | None = None  # seconds after which no new trial starts
     workers: int = 1  # trial processes on this machine, sharing the storage
     champion: bool = True  # at the end, retrain, test and register the best
-    register_as: str = "mnist-mlp"  # the champion's registered model
-    ensemble: int = 1  # the champion averages this many best distinct trials
+    register_as: str | None = None  # the champion's registered model; None: the study's name
+    ensemble: int | None = None  # the champion averages this many best distinct trials
     seeds: int = 1  # retrain the champion with this many seeds, to log its spread
     worker_id: int = field(default=0, repr=False)  # > 0: a worker `search` started
 
     def __post_init__(self):
+        if self.space not in SPACES or self.pruner not in PRUNERS:
+            raise BadInput(f"--space is one of {SPACES} and --pruner one of {PRUNERS}")
+        # what a flag left out means, in this space (frozen: set through object.__setattr__)
+        for name, value in SPACE_DEFAULTS[self.space].items():
+            if getattr(self, name) is None:
+                object.__setattr__(self, name, value)
+        if self.study_name is None:
+            object.__setattr__(self, "study_name", default_name(self.space))
+        if self.register_as is None:
+            object.__setattr__(self, "register_as", self.study_name)
         small = [f"--{n}" for n in ("trials", "epochs", "workers") if getattr(self, n) < 1]
         small += [f"--{n}" for n in ("ensemble", "seeds") if getattr(self, n) < 1]
         if small:
@@ -80,8 +90,6 @@ class SearchConfig:
         for flag in ("study_name", "register_as", "storage"):
             if not getattr(self, flag).strip():
                 raise BadInput(f"--{flag.replace('_', '-')} is empty; give it a name")
-        if self.space not in SPACES or self.pruner not in PRUNERS:
-            raise BadInput(f"--space is one of {SPACES} and --pruner one of {PRUNERS}")
 
     def to_argv(self) -> list[str]:
         """The `study` flags that make this config again (for worker processes)."""

@@ -11,16 +11,23 @@ import argparse
 import sys
 from pathlib import Path
 
-from mnist_search.cli import PRUNERS, SPACES, add_champion_flags, add_device_flags
+from mnist_search.cli import (
+    DEFAULT_SPACE,
+    PRUNERS,
+    SPACES,
+    HelpFormatter,
+    add_champion_flags,
+    add_device_flags,
+)
 from mnist_search.storage import DEFAULT_STORAGE
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m mnist_search.study",
-        description="Search MLP hyperparameters for MNIST with Optuna, track every trial in "
-        "MLflow, then retrain, test and register the best.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        description="Search network hyperparameters for MNIST with Optuna, track every trial "
+        "in MLflow, then retrain, test and register the best.",
+        formatter_class=HelpFormatter,
     )
     p.add_argument(
         "--trials",
@@ -31,18 +38,25 @@ def build_parser() -> argparse.ArgumentParser:
         "training (state FAIL, user attribute over_budget); failed trials do not count, and a "
         "rerun tops up",
     )
-    p.add_argument("--epochs", type=int, default=10, help="most epochs per trial")
+    p.add_argument(
+        "--epochs",
+        type=int,
+        default=None,
+        help="most epochs per trial (default: 5, or 10 with --space mlp)",
+    )
     p.add_argument(
         "--space",
         choices=SPACES,
-        default="mlp",
-        help="the model families the sampler may choose: mlp (the original project's "
-        "fully connected nets on plain pixels), cnn (small conv nets, augmented batches), all",
+        default=DEFAULT_SPACE,
+        help="the model families the sampler may choose: cnn (small conv nets on augmented "
+        "batches), mlp (the original project's fully connected nets on plain pixels, searched "
+        "and crowned as before), all",
     )
     p.add_argument(
         "--study-name",
-        default="mnist-mlp",
-        help="the study to create or resume (`mnist-mlp` is the original project's MLP search)",
+        default=None,
+        help="the study to create or resume (default: mnist-SPACE, so mnist-cnn; mnist-mlp is "
+        "the original project's MLP search)",
     )
     p.add_argument(
         "--storage",

@@ -42,16 +42,16 @@ def crowned(tmp_path_factory):
         )  # fmt: skip
         assert search(config).exit_code == 0
     storage = open_storage(str(tmp / "s.journal"))
-    study = optuna.load_study(study_name="mnist-mlp", storage=storage)
-    metrics = json.loads((tmp / "exports/mnist-mlp/metrics.json").read_text())
+    study = optuna.load_study(study_name="mnist-cnn", storage=storage)
+    metrics = json.loads((tmp / "exports/mnist-cnn/metrics.json").read_text())
     return tmp, data_dir, study, metrics
 
 
 def test_the_champion_is_registered_with_alias_and_tags(crowned):
     tmp, _, study, metrics = crowned
     client = MlflowClient(f"sqlite:///{tmp}/mlflow.db")
-    version = client.get_model_version_by_alias("mnist-mlp", "champion")
-    assert version.tags["study"] == "mnist-mlp"
+    version = client.get_model_version_by_alias("mnist-cnn", "champion")
+    assert version.tags["study"] == "mnist-cnn"
     members = champion.members_of(study, 2)  # both trials, best first
     assert [t.number for t in members] == sorted(
         (t.number for t in study.trials), key=lambda n: -study.trials[n].value
@@ -62,12 +62,12 @@ def test_the_champion_is_registered_with_alias_and_tags(crowned):
     assert len(version.tags["data_digest"]) == 16
     # the registry page says what the model is and how good; the version, where it came from
     accuracy = f"{metrics['test_accuracy']:.2%}"
-    model_text = client.get_registered_model("mnist-mlp").description
+    model_text = client.get_registered_model("mnist-cnn").description
     assert f"version {version.version}, test accuracy {accuracy}" in model_text
-    assert "(N, 784)" in model_text and "models:/mnist-mlp@champion" in model_text
+    assert "(N, 784)" in model_text and "models:/mnist-cnn@champion" in model_text
     assert f"Test accuracy {accuracy} ({version.tags['test_accuracy']})" in version.description
     numbers = ", ".join(str(t.number) for t in members)
-    for fact in (f"ensemble (mean of the probabilities) of trials {numbers} ", "`mnist-mlp`"):
+    for fact in (f"ensemble (mean of the probabilities) of trials {numbers} ", "`mnist-cnn`"):
         assert fact in version.description
     assert version.tags["data_digest"] in version.description
     assert "| `channels` |" in version.description and "parameters" in version.description
@@ -100,8 +100,8 @@ def test_loads_agree_and_reproduce_the_test_accuracy(crowned, monkeypatch):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp}/mlflow.db")
     images, labels = load_images(data_dir, train=False)
     x = images.reshape(len(images), -1).float().numpy()  # raw 0-255 pixels, (N, 784)
-    pyfunc_probs = np.asarray(mlflow.pyfunc.load_model("models:/mnist-mlp@champion").predict(x))
-    torch_model = mlflow.pytorch.load_model("models:/mnist-mlp@champion")
+    pyfunc_probs = np.asarray(mlflow.pyfunc.load_model("models:/mnist-cnn@champion").predict(x))
+    torch_model = mlflow.pytorch.load_model("models:/mnist-cnn@champion")
     with torch.no_grad():
         torch_probs = torch_model(torch.from_numpy(x)).numpy()
     assert np.allclose(pyfunc_probs, torch_probs, atol=1e-6)
@@ -137,7 +137,7 @@ print(json.dumps({"tensors": sorted(state), "members": members}))
 
 def test_export_folder_loads_without_the_package_and_onnx_matches(crowned, tmp_path):
     tmp, data_dir, study, metrics = crowned
-    out = tmp / "exports/mnist-mlp"
+    out = tmp / "exports/mnist-cnn"
     assert {p.name for p in out.iterdir()} == {
         "weights.pt",
         "config.json",
@@ -192,7 +192,7 @@ def crowned_by_cli(tmp_path_factory):
         storage = str(tmp / "s.journal")
         config = SearchConfig(
             trials=1, epochs=3, pruner="none", data_dir=data_dir, device="cpu", storage=storage,
-            champion=False,
+            champion=False, space="mlp",
         )  # fmt: skip
         result = search(config)
         assert result.exit_code == 0 and result.champion is None
@@ -350,7 +350,7 @@ def test_predict_cli_prints_the_models_digit_for_each_image_and_errors_per_file(
     out, err = capsys.readouterr()
     # the model's own answer for each readable file, through MLflow's pyfunc loader and NumPy
     # (predict uses the PyTorch flavor), from the same preprocessed 28x28 image
-    model = mlflow.pyfunc.load_model("models:/mnist-mlp@champion", model_config={"device": "cpu"})
+    model = mlflow.pyfunc.load_model("models:/mnist-cnn@champion", model_config={"device": "cpu"})
     expected = []
     for name in ("seven.png", "seven.jpg", "one.png"):
         pixels = predict.load_image(tmp_path / name).reshape(1, 784).astype(np.float32)
@@ -380,7 +380,7 @@ def test_mlflow_models_serve_answers_invocations(crowned, monkeypatch):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp}/mlflow.db")
     port = free_port()
     env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp}/mlflow.db"}
-    cmd = [sys.executable, "-m", "mlflow", "models", "serve", "-m", "models:/mnist-mlp@champion"]
+    cmd = [sys.executable, "-m", "mlflow", "models", "serve", "-m", "models:/mnist-cnn@champion"]
     cmd += ["--env-manager", "local", "--host", "127.0.0.1", "--port", str(port)]
     log = tmp / "serve.log"
     with open(log, "w") as out:  # a file, not a pipe: a full pipe would stall the server
@@ -397,7 +397,7 @@ def test_mlflow_models_serve_answers_invocations(crowned, monkeypatch):
         answer = json.loads(urllib.request.urlopen(request, timeout=300).read())
         served = np.asarray(answer["predictions"])
         with torch.no_grad():
-            local = mlflow.pytorch.load_model("models:/mnist-mlp@champion")(
+            local = mlflow.pytorch.load_model("models:/mnist-cnn@champion")(
                 images[:5].reshape(5, -1).float()
             ).numpy()
         assert served.shape == (5, 10) and np.allclose(served, local, atol=1e-5)

@@ -33,7 +33,7 @@ no_gpu = pytest.mark.skipif(GPU, reason="a GPU is visible, so --device cuda is v
 
 @pytest.fixture(scope="module")
 def given(tmp_path_factory) -> Path:
-    """A file, an image, synthetic MNIST, and studies `mnist-mlp` (one completed trial) and
+    """A file, an image, synthetic MNIST, and studies `mnist-cnn` (one completed trial) and
     `bare` (none) in a journal, each with its parent run in a SQLite MLflow store."""
     root = tmp_path_factory.mktemp("given")
     (root / "afile").write_text("a file, not a folder")
@@ -41,9 +41,9 @@ def given(tmp_path_factory) -> Path:
     (root / "digests.json").write_text(json.dumps(write_synthetic_mnist(root / "data")))
     storage = open_storage(str(root / "s.journal"))
     complete = optuna.trial.create_trial(params={}, distributions={}, value=0.5)
-    optuna.create_study(study_name="mnist-mlp", storage=storage).add_trial(complete)
+    optuna.create_study(study_name="mnist-cnn", storage=storage).add_trial(complete)
     optuna.create_study(study_name="bare", storage=storage)
-    for name in ("mnist-mlp", "bare"):
+    for name in ("mnist-cnn", "bare"):
         StudyTracker(name, f"sqlite:///{root}/mlflow.db").create_parent({})
     return root
 
@@ -180,8 +180,8 @@ IMAGE = "{given}/digit.png"
         (["--model-uri", "", IMAGE], "--model-uri must not be empty"),
         (["--model-uri", "models:/nope@champion", IMAGE], "cannot load model 'models:/nope@champion': the MLflow store {cwd}/mlflow.db does not exist. Run a study first, or check --model-uri and --tracking-uri / MLFLOW_TRACKING_URI."),
         (["--model-uri", "models:/nope@champion", "--tracking-uri", "sqlite:///{given}/mlflow.db", IMAGE], "cannot load model 'models:/nope@champion': ..."),
-        (["--tracking-uri", "http://127.0.0.1:9", IMAGE], "cannot load model 'models:/mnist-mlp@champion': API request to http://127.0.0.1:9..."),
-        (["--tracking-uri", "sqlite:///{cwd}/other.db", IMAGE], "cannot load model 'models:/mnist-mlp@champion': the MLflow store {cwd}/other.db does not exist. Run a study first, or check --model-uri and --tracking-uri / MLFLOW_TRACKING_URI."),
+        (["--tracking-uri", "http://127.0.0.1:9", IMAGE], "cannot load model 'models:/mnist-cnn@champion': API request to http://127.0.0.1:9..."),
+        (["--tracking-uri", "sqlite:///{cwd}/other.db", IMAGE], "cannot load model 'models:/mnist-cnn@champion': the MLflow store {cwd}/other.db does not exist. Run a study first, or check --model-uri and --tracking-uri / MLFLOW_TRACKING_URI."),
     ),
 )  # fmt: skip
 def test_predict_refuses(argv, message, cwd, given, capsys):
@@ -204,14 +204,14 @@ STORES = (
     (["--study-name", ""], "--study-name must not be empty"),
     (["--study-name", "other"], "--study-name: no study 'other' in {given}/s.journal; run the study first"),
     (["--storage", "{given}"], "--storage {given} is a folder: pass the study's journal file or RDB URL"),
-    (["--storage", "{cwd}/s.journal"], "no study 'mnist-mlp': --storage {cwd}/s.journal does not exist; run the study first, or pass the --storage it used"),
-    (["--storage", "optuna-journal.log"], "no study 'mnist-mlp': --storage optuna-journal.log does not exist; run the study first, or pass the --storage it used"),
-    (["--storage", "sqlite:///s.db"], "no study 'mnist-mlp': --storage sqlite:///s.db does not exist; run the study first, or pass the --storage it used"),
-    (["--storage", "sqlite:///{cwd}/s.db"], "no study 'mnist-mlp': --storage sqlite:///{cwd}/s.db does not exist; run the study first, or pass the --storage it used"),
+    (["--storage", "{cwd}/s.journal"], "no study 'mnist-cnn': --storage {cwd}/s.journal does not exist; run the study first, or pass the --storage it used"),
+    (["--storage", "optuna-journal.log"], "no study 'mnist-cnn': --storage optuna-journal.log does not exist; run the study first, or pass the --storage it used"),
+    (["--storage", "sqlite:///s.db"], "no study 'mnist-cnn': --storage sqlite:///s.db does not exist; run the study first, or pass the --storage it used"),
+    (["--storage", "sqlite:///{cwd}/s.db"], "no study 'mnist-cnn': --storage sqlite:///{cwd}/s.db does not exist; run the study first, or pass the --storage it used"),
     (["--storage", "bogus://x"], "cannot open --storage 'bogus://x': cannot connect: NoSuchModuleError: ..."),
     (["--tracking-uri", "http://127.0.0.1:9"], "cannot use the MLflow tracking store 'http://127.0.0.1:9': ..."),
     (["--tracking-uri", "./mlruns"], "cannot use the MLflow tracking store './mlruns': ..."),
-    (["--tracking-uri", "sqlite:///{cwd}/mlflow.db"], "no MLflow parent run for study 'mnist-mlp': the tracking store {cwd}/mlflow.db does not exist; run the study first, or pass the --tracking-uri (or $MLFLOW_TRACKING_URI) it used"),
+    (["--tracking-uri", "sqlite:///{cwd}/mlflow.db"], "no MLflow parent run for study 'mnist-cnn': the tracking store {cwd}/mlflow.db does not exist; run the study first, or pass the --tracking-uri (or $MLFLOW_TRACKING_URI) it used"),
 )  # fmt: skip
 
 
@@ -226,9 +226,9 @@ STORES = (
         (["--device", "cuda"], "--device cuda asked for, but no CUDA GPU is visible; use cpu or auto", no_gpu),
         (["--cuda-graphs=no"], "argument --cuda-graphs/--no-cuda-graphs: ignored explicit argument 'no'"),
         (["--register-as", ""], "--register-as must not be empty"),
-        (["--ensemble", "0"], "--ensemble and --seeds must be at least 1, not 0 and 1"),
+        (["--ensemble", "0"], "--ensemble must be at least 1, not 0"),
         (["--ensemble", "two"], "argument --ensemble: invalid int value: 'two'"),
-        (["--seeds", "-1"], "--ensemble and --seeds must be at least 1, not 1 and -1"),
+        (["--seeds", "-1"], "--seeds must be at least 1, not -1"),
         (["--seeds", "1.5"], "argument --seeds: invalid int value: '1.5'"),
     ),
 )  # fmt: skip

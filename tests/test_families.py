@@ -117,3 +117,25 @@ def test_bench_times_the_cnn_with_and_without_augmentation():
     for config in (bench.CNN_CONFIG, dataclasses.replace(bench.CNN_CONFIG, augment=1.0)):
         assert bench.ours(data, 128, cpu, config) > 0
     assert bench.ours(data, 128, cpu) > 0  # the MLP
+
+
+def test_flags_left_out_take_their_spaces_defaults_and_names_follow_the_space():
+    from mnist_search.search import SearchConfig
+
+    default = SearchConfig()
+    assert (default.space, default.epochs, default.ensemble) == ("cnn", 5, 6)
+    assert default.study_name == default.register_as == "mnist-cnn"
+    # the original search: its epochs, its single-trial champion, its names
+    mlp = SearchConfig(space="mlp")
+    assert (mlp.epochs, mlp.ensemble, mlp.study_name, mlp.register_as) == (
+        10,
+        1,
+        "mnist-mlp",
+        "mnist-mlp",
+    )
+    # what is given wins, and the registered model follows the study's name
+    given = SearchConfig(space="mlp", epochs=3, ensemble=2, study_name="mine")
+    assert (given.epochs, given.ensemble, given.register_as) == (3, 2, "mine")
+    # workers get the resolved values, so a worker never resolves them differently
+    argv = SearchConfig().to_argv()
+    assert argv[argv.index("--epochs") + 1] == "5" and "--study-name" in argv

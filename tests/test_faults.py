@@ -94,7 +94,7 @@ def _no_process_left_behind():
 def start(tmp, data_dir, *flags, champion=False, hooks=""):
     (tmp / "run_study.py").write_text(wrapper(hooks))
     cmd = [sys.executable, str(tmp / "run_study.py"), "--data-dir", str(data_dir)]
-    cmd += ["--storage", str(tmp / "s.journal"), "--device", "cpu", *flags]
+    cmd += ["--storage", str(tmp / "s.journal"), "--device", "cpu", "--space", "mlp", *flags]
     cmd += [] if champion else ["--no-champion"]
     env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp}/mlflow.db"}
     pipe = subprocess.PIPE
@@ -106,7 +106,7 @@ def run_in_process(tmp, data_dir, **settings) -> int:
     """The same search in this process (quicker to start), on the same stores as `start`."""
     storage = str(tmp / "s.journal")
     config = SearchConfig(
-        data_dir=data_dir, storage=storage, device="cpu", champion=False, **settings
+        data_dir=data_dir, storage=storage, device="cpu", champion=False, space="mlp", **settings
     )
     return search(config).exit_code
 
@@ -285,7 +285,7 @@ def test_full_disk_while_logging_weights_fails_that_trial_only(
 ):
     config = SearchConfig(
         data_dir=synthetic_mnist, storage=str(in_tmp / "s.journal"), champion=False, epochs=2,
-        device="cpu", pruner="none", trials=2,
+        device="cpu", pruner="none", trials=2, space="mlp",
     )  # fmt: skip
     assert search(config).exit_code == 0
 

@@ -22,8 +22,10 @@ from tests.conftest import assert_parent_series
 
 
 def run(in_tmp, data_dir, **settings) -> int:
-    """The search as a notebook calls it: a config, no champion, two epochs per trial."""
+    """The search as a notebook calls it: a config, no champion, two epochs per trial; the
+    MLP space (study mnist-mlp) unless `settings` says otherwise."""
     storage = str(in_tmp / "study.journal")
+    settings.setdefault("space", "mlp")
     config = SearchConfig(
         data_dir=data_dir, storage=storage, device="cpu", champion=False, epochs=2, **settings
     )
@@ -145,7 +147,7 @@ def test_rerun_with_more_trials_continues_the_same_study(in_tmp, synthetic_mnist
     assert len(client.search_runs([exp.experiment_id], "tags.`mnist_search.role` = 'study'")) == 1
     # resuming in another space is refused, naming the flag to pass; nothing recorded changes
     with pytest.raises(BadInput, match="pass --space mlp"):
-        run(in_tmp, synthetic_mnist, trials=6, space="cnn")
+        run(in_tmp, synthetic_mnist, trials=6, space="cnn", study_name="mnist-mlp")
     assert len(load(in_tmp).trials) == 5 and len(trial_runs(client)) == 5
 
 
@@ -305,7 +307,7 @@ def test_workers_released_together_on_the_last_place_train_one_trial(
         tracker = StudyTracker("race")
         tracker.parent_id = study.user_attrs[PARENT_ATTR]
         mine = optuna.load_study(study_name="race", storage=storage, pruner=NOP)
-        config = SearchConfig(study_name="race", trials=budget, epochs=2, worker_id=i)
+        config = SearchConfig(study_name="race", space="mlp", trials=budget, epochs=2, worker_id=i)
         try:
             codes[i] = run_trials(config, mine, storage, tracker, data, "cpu")
         except BaseException as e:  # noqa: BLE001 - reported below, with the worker
