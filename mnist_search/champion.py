@@ -28,6 +28,7 @@ from mnist_search import interrupts
 from mnist_search.cli import (
     DEFAULT_SPACE,
     SPACE_DEFAULTS,
+    HelpFormatter,
     add_champion_flags,
     add_device_flags,
     check_champion_flags,
@@ -263,19 +264,20 @@ def crown(
     register_as: str | None = None,
     export_root: Path = Path("exports"),
     cuda_graphs: bool = True,
-    ensemble: int = 1,
+    ensemble: int | None = None,
     seeds: int = 1,
 ) -> dict:
     """Retrain the study's `ensemble` best trials on all training images, test once, export,
-    register as `register_as` (default: the study's name). With `seeds` > 1, the same recipe is
-    also retrained with seeds + 1, + 2, ... and tested, to report the spread of test accuracy
-    over seeds; only the first model ships.
+    register as `register_as` (default: the study's name). `ensemble` defaults to the K of the
+    study's space (cli.SPACE_DEFAULTS). With `seeds` > 1, the same recipe is also retrained with
+    seeds + 1, + 2, ... and tested, to report the spread of test accuracy over seeds; only the
+    first model ships.
 
     A Ctrl-C or SIGTERM caught by `interrupts.deferred()` stops it between two steps (or
     retrain epochs) as KeyboardInterrupt, with its run KILLED; any other error leaves it FAILED.
     """
     register_as = register_as or study.study_name
-    members = members_of(study, ensemble)
+    members = members_of(study, ensemble or SPACE_DEFAULTS[study_space(study)]["ensemble"])
     configs = retrain_configs(study, members)
     numbers = [t.number for t in members]
     name = "-".join(map(str, numbers))
@@ -400,7 +402,7 @@ def main(argv: list[str] | None = None) -> int:
         prog="python -m mnist_search.champion",
         description="Retrain a study's best trial (or best trials, as an ensemble) on all "
         "training data, test once, export and register it.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     p.add_argument("--study-name", default=default_name(DEFAULT_SPACE))
     p.add_argument("--storage", default=DEFAULT_STORAGE)
@@ -434,9 +436,8 @@ def main(argv: list[str] | None = None) -> int:
     with interrupts.deferred():  # Ctrl-C and `kill` stop between steps, never mid-write
         try:
             crown(
-                study, tracker, data_dir, device, args.register_as or args.study_name,
-                cuda_graphs=args.cuda_graphs, seeds=args.seeds,
-                ensemble=args.ensemble or SPACE_DEFAULTS[study_space(study)]["ensemble"],
+                study, tracker, data_dir, device, args.register_as,
+                cuda_graphs=args.cuda_graphs, ensemble=args.ensemble, seeds=args.seeds,
             )  # fmt: skip
         except KeyboardInterrupt:
             print("interrupted: the champion's run ended KILLED; rerun to crown", file=sys.stderr)

@@ -18,6 +18,7 @@ from mnist_search.cli import (
     HelpFormatter,
     add_champion_flags,
     add_device_flags,
+    space_defaults_help,
 )
 from mnist_search.storage import DEFAULT_STORAGE
 
@@ -42,7 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--epochs",
         type=int,
         default=None,
-        help="most epochs per trial (default: 5, or 10 with --space mlp)",
+        help=f"most epochs per trial (default, by --space: {space_defaults_help('epochs')})",
     )
     p.add_argument(
         "--space",
