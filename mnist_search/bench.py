@@ -8,7 +8,8 @@ In one run, on the same MLP (784-512-256-10, dropout 0.2, Adam) and the same rea
 3. the ceiling: measured matmul FLOP/s on the same device and threads, divided by the MLP's
    training FLOPs per sample (6 x weights: forward, and backward for inputs and weights);
 4. a CNN of the search space (16-32 channels, 5x5, head 128) at batch 128, without and with
-   random affine augmentation at full strength: the difference is augmentation's cost.
+   random affine augmentation at full strength (the difference is augmentation's cost), and
+   with its forward pass in bf16 (autocast), as the search trains CNNs.
 """
 
 from __future__ import annotations
@@ -131,6 +132,8 @@ def bench(data_dir: Path, device: torch.device, samples: int) -> dict[str, tuple
     rows["cnn128"] = (cnn, ours(subset, 128, device, CNN_CONFIG))
     augmented = dataclasses.replace(CNN_CONFIG, augment=1.0)
     rows["cnn128aug"] = ("  the same, augmented (strength 1)", ours(subset, 128, device, augmented))
+    bf16 = dataclasses.replace(CNN_CONFIG, precision="bf16")
+    rows["cnn128bf16"] = ("  the same, in bf16 (autocast)", ours(subset, 128, device, bf16))
     return rows
 
 
@@ -180,6 +183,7 @@ def main(argv: list[str] | None = None) -> int:
     epoch = 50_000  # a search epoch: the training split
     cost = epoch / rate["cnn128aug"] - epoch / rate["cnn128"]
     print(f"augmentation's cost per search epoch ({epoch:,} images) of that CNN: {cost:.2f} s")
+    print(f"bf16 autocast over fp32 for that CNN: {rate['cnn128bf16'] / rate['cnn128']:.2f}x")
     return 0
 
 

@@ -25,6 +25,7 @@ CHOICES = {
     "activation": ("relu", "gelu", "silu"),  # model.ACTIVATIONS, named here for a light --help
     "optimizer": ("adam", "adamw", "sgd"),
     "schedule": ("constant", "cosine"),
+    "precision": ("fp32", "bf16"),
 }
 
 
@@ -42,6 +43,7 @@ class TrainConfig:
     schedule: str = "constant"  # constant | cosine (to zero over all epochs)
     label_smoothing: float = 0.0
     augment: float = 0.0  # strength of random affine distortions of training batches; 0 = off
+    precision: str = "fp32"  # of the training step's forward pass: fp32 | bf16 (autocast)
     batch_size: int = 128
     epochs: int = 10
     seed: int = 0  # weights, dropout and batch order
@@ -235,12 +237,14 @@ def fit(
     # the epoch's summed loss stays on the device, so no step waits for the GPU to hand it back
     total = torch.zeros((), device=device)
     background = -data.mean / data.std  # a blank pixel, normalized
+    bf16 = config.precision == "bf16"
 
     def step(idx: torch.Tensor) -> None:
         x, y = data.train.x.index_select(0, idx), data.train.y.index_select(0, idx)
         x = random_affine(x, config.augment, background)
         optimizer.zero_grad(set_to_none=False)
-        loss = loss_fn(model(x), y)
+        with torch.autocast(device.type, torch.bfloat16, enabled=bf16, cache_enabled=False):
+            loss = loss_fn(model(x), y)
         loss.backward()
         optimizer.step()
         total.add_(loss.detach() * len(idx))
