@@ -232,14 +232,15 @@ def members_of(study, k: int) -> list:
     return best[:k]
 
 
-def retrain_configs(study, members: list) -> list[TrainConfig]:
-    """Each member's config rebuilt through the search space, for the epoch count where its
-    validation accuracy peaked, with the study's own seed."""
+def retrain_configs(study, members: list, epochs: int | None = None) -> list[TrainConfig]:
+    """Each member's config rebuilt through the search space, with the study's own seed, for
+    `epochs` epochs (its schedule stretched to them), or by default for the epoch count where
+    its validation accuracy peaked."""
     seed = study.user_attrs.get("seed", 0)
     return [
         config_from_params(
             t.params,
-            t.user_attrs.get("best_epoch", t.user_attrs.get("epochs_trained")),
+            epochs or t.user_attrs.get("best_epoch", t.user_attrs.get("epochs_trained")),
             seed,
             study_space(study),
         )
@@ -265,11 +266,13 @@ def crown(
     export_root: Path = Path("exports"),
     cuda_graphs: bool = True,
     ensemble: int | None = None,
+    retrain_epochs: int | None = None,
     seeds: int = 1,
 ) -> dict:
-    """Retrain the study's `ensemble` best trials on all training images, test once, export,
-    register as `register_as` (default: the study's name). `ensemble` defaults to the K of the
-    study's space (cli.SPACE_DEFAULTS). With `seeds` > 1, the same recipe is also retrained with
+    """Retrain the study's `ensemble` best trials on all training images, each for
+    `retrain_epochs`, test once, export, register as `register_as` (default: the study's name).
+    `ensemble` and `retrain_epochs` default to those of the study's space (cli.SPACE_DEFAULTS).
+    With `seeds` > 1, the same recipe is also retrained with
     seeds + 1, + 2, ... and tested, to report the spread of test accuracy over seeds; only the
     first model ships.
 
@@ -277,8 +280,9 @@ def crown(
     retrain epochs) as KeyboardInterrupt, with its run KILLED; any other error leaves it FAILED.
     """
     register_as = register_as or study.study_name
-    members = members_of(study, ensemble or SPACE_DEFAULTS[study_space(study)]["ensemble"])
-    configs = retrain_configs(study, members)
+    defaults = SPACE_DEFAULTS[study_space(study)]
+    members = members_of(study, ensemble or defaults["ensemble"])
+    configs = retrain_configs(study, members, retrain_epochs or defaults["retrain_epochs"])
     numbers = [t.number for t in members]
     name = "-".join(map(str, numbers))
     run = tracker.start_run("champion", f"champion-trial{'s' if len(members) > 1 else ''}-{name}")
@@ -437,7 +441,8 @@ def main(argv: list[str] | None = None) -> int:
         try:
             crown(
                 study, tracker, data_dir, device, args.register_as,
-                cuda_graphs=args.cuda_graphs, ensemble=args.ensemble, seeds=args.seeds,
+                cuda_graphs=args.cuda_graphs, ensemble=args.ensemble,
+                retrain_epochs=args.retrain_epochs, seeds=args.seeds,
             )  # fmt: skip
         except KeyboardInterrupt:
             print("interrupted: the champion's run ended KILLED; rerun to crown", file=sys.stderr)

@@ -67,6 +67,7 @@ class SearchConfig:
     champion: bool = True  # at the end, retrain, test and register the best
     register_as: str | None = None  # the champion's registered model; None: the study's name
     ensemble: int | None = None  # the champion averages this many best distinct trials
+    retrain_epochs: int | None = None  # ... each retrained this long; None: its best epoch
     seeds: int = 1  # retrain the champion with this many seeds, to log its spread
     worker_id: int = field(default=0, repr=False)  # > 0: a worker `search` started
 
@@ -83,6 +84,8 @@ class SearchConfig:
             object.__setattr__(self, "register_as", self.study_name)
         small = [f"--{n}" for n in ("trials", "epochs", "workers") if getattr(self, n) < 1]
         small += [f"--{n}" for n in ("ensemble", "seeds") if getattr(self, n) < 1]
+        if self.retrain_epochs is not None and self.retrain_epochs < 1:
+            small.append("--retrain-epochs")
         if small:
             raise BadInput(f"{' and '.join(small)} must be at least 1")
         if self.timeout is not None and self.timeout <= 0:
@@ -287,7 +290,8 @@ def lead(config: SearchConfig, study, storage, tracker, data, data_dir, device, 
         if code == 0 and finished_count(study) >= config.trials and config.champion:
             champion = crown(
                 study, tracker, data_dir, device, config.register_as,
-                cuda_graphs=config.cuda_graphs, ensemble=config.ensemble, seeds=config.seeds,
+                cuda_graphs=config.cuda_graphs, ensemble=config.ensemble,
+                retrain_epochs=config.retrain_epochs, seeds=config.seeds,
             )  # fmt: skip
         interrupts.check()  # a signal that came during the last steps still counts
     except KeyboardInterrupt:

@@ -30,7 +30,8 @@ from tests.conftest import assert_parent_series, free_port, use_synthetic_mnist,
 @pytest.fixture(scope="module")
 def crowned(tmp_path_factory):
     """A 2-trial study of CNNs on synthetic data, crowned as an ensemble of
-    both trials: (folder, data_dir, study, crown's metrics)."""
+    both trials (no pruning: both complete), each retrained for 3 epochs: (folder, data_dir,
+    study, crown's metrics)."""
     tmp = tmp_path_factory.mktemp("champion")
     with pytest.MonkeyPatch.context() as mp:  # undone before the tests: each sets what it needs
         mp.chdir(tmp)
@@ -38,7 +39,7 @@ def crowned(tmp_path_factory):
         data_dir = use_synthetic_mnist(mp, tmp / "data")
         config = SearchConfig(
             trials=2, epochs=2, data_dir=data_dir, device="cpu", space="cnn", ensemble=2,
-            storage=str(tmp / "s.journal"),
+            retrain_epochs=3, pruner="none", storage=str(tmp / "s.journal"),
         )  # fmt: skip
         assert search(config).exit_code == 0
     storage = open_storage(str(tmp / "s.journal"))
@@ -80,9 +81,11 @@ def test_the_champion_is_registered_with_alias_and_tags(crowned):
         [m.step for m in client.get_metric_history(run.info.run_id, f"member_{i}.train_loss")]
         for i in range(2)
     ]
-    assert [len(steps) for steps in retrain] == [
-        int(run.data.params[f"member_{i}.epochs"]) for i in range(2)
-    ]
+    assert (
+        [len(steps) for steps in retrain]
+        == [int(run.data.params[f"member_{i}.epochs"]) for i in range(2)]
+        == [3, 3]
+    )  # --retrain-epochs, not the 2 epochs the trials trained
     assert sum(map(len, retrain)) == metrics["epochs"] and all(s[0] == 1 for s in retrain)
     assert {a.path for a in client.list_artifacts(run.info.run_id, "figures")} == {
         "figures/confusion_matrix.png",

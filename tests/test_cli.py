@@ -228,6 +228,7 @@ STORES = (
         (["--register-as", ""], "--register-as must not be empty"),
         (["--ensemble", "0"], "--ensemble must be at least 1, not 0"),
         (["--ensemble", "two"], "argument --ensemble: invalid int value: 'two'"),
+        (["--retrain-epochs", "0"], "--retrain-epochs must be at least 1, not 0"),
         (["--seeds", "-1"], "--seeds must be at least 1, not -1"),
         (["--seeds", "1.5"], "argument --seeds: invalid int value: '1.5'"),
     ),

@@ -1,8 +1,9 @@
-"""The evidence for `--ensemble K` scores members on validation images that did not rank them."""
+"""The evidence for `--ensemble K` and `--retrain-epochs`: validation only, honestly held out."""
 
 import importlib.util
 from pathlib import Path
 
+import pytest
 import torch
 from torch.nn import functional as F
 
@@ -36,3 +37,26 @@ def test_a_member_lucky_on_one_half_is_scored_on_the_other():
     assert evidence.accuracy([steady], y) > evidence.accuracy([lucky], y) == 0.5
     # an ensemble is scored on the mean of its members' probabilities
     assert evidence.accuracy([lucky, steady], y) == evidence.accuracy([(lucky + steady) / 2], y)
+
+
+retrain_spec = importlib.util.spec_from_file_location(
+    "retrain_evidence", ROOT / "experiments/retrain_evidence.py"
+)
+retrain_evidence = importlib.util.module_from_spec(retrain_spec)
+retrain_spec.loader.exec_module(retrain_evidence)
+
+
+def test_retrain_evidence_scores_each_member_and_the_ensembles_of_the_best_k():
+    from mnist_search.train import fit, predict_logits
+    from tests.test_families import CNN_CONFIG, MLP_CONFIG, band_data
+
+    data = band_data()
+    configs = [MLP_CONFIG, CNN_CONFIG]
+    alone, together = retrain_evidence.scores(configs, data, "cpu")
+    # fit is seeded: the same configs train the same networks again here
+    right = [
+        (predict_logits(fit(c, data).model, data.val.x).argmax(1) == data.val.y).float().mean()
+        for c in configs
+    ]
+    assert alone == pytest.approx(sum(right).item() / 2)
+    assert len(together) == 2 and together[0] == pytest.approx(right[0].item())

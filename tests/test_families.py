@@ -30,11 +30,24 @@ def band_data(n=600) -> Data:
     return Data(train, to_split(images[500:], labels[500:], mean, std, cpu), mean, std)
 
 
-@pytest.mark.parametrize("config", [MLP_CONFIG, CNN_CONFIG], ids=["mlp", "cnn"])
+BF16_CNN = dataclasses.replace(CNN_CONFIG, precision="bf16")
+
+
+@pytest.mark.parametrize(
+    "config", [MLP_CONFIG, CNN_CONFIG, BF16_CNN], ids=["mlp", "cnn", "cnn-bf16"]
+)
 def test_each_family_trains_and_beats_chance_by_far(config):
     result = fit(config, band_data())
     assert isinstance(result.model, MLP if config.family == "mlp" else CNN)
     assert result.history[-1]["val_accuracy"] > 0.9  # chance is 0.1
+
+
+def test_bf16_trains_through_autocast_and_keeps_float32_weights():
+    fp32, bf16 = (fit(c, band_data()).model for c in (CNN_CONFIG, BF16_CNN))
+    weights = [list(m.parameters()) for m in (fp32, bf16)]
+    assert all(p.dtype == torch.float32 for p in weights[1])  # exported and evaluated as fp32
+    # the same seed and batches: only the forward pass's precision can make them differ
+    assert not all(torch.equal(a, b) for a, b in zip(*weights, strict=True))
 
 
 def test_a_cnn_trains_with_augmentation_and_counts_its_flops():
@@ -104,18 +117,30 @@ def test_a_trials_params_rebuild_its_config(space):
 def test_the_mlp_space_samples_todays_params():
     trial = optuna.create_study().ask()
     config = suggest_config(trial, epochs=5, seed=0, space="mlp")
-    assert config.family == "mlp" and config.augment == 0
-    assert {"family", "channels_0", "augment"}.isdisjoint(trial.params)
+    assert (config.family, config.augment, config.precision) == ("mlp", 0, "fp32")
+    widths = [f"width_{i}" for i in range(len(config.hidden))]
+    # the same params in the same order: a seeded sampler draws them as it always did
+    assert list(trial.params) == [
+        "n_layers", *widths, "dropout", "activation", "optimizer", "lr", "weight_decay",
+        "schedule", "label_smoothing", "batch_size",
+    ]  # fmt: skip
 
 
-def test_bench_times_the_cnn_with_and_without_augmentation():
+def test_cnns_train_with_a_cosine_schedule_in_bf16_which_are_not_searched():
+    trial = optuna.create_study().ask()
+    config = suggest_config(trial, epochs=5, seed=0, space="cnn")
+    assert (config.family, config.schedule, config.precision) == ("cnn", "cosine", "bf16")
+    assert {"schedule", "precision"}.isdisjoint(trial.params)
+
+
+def test_bench_times_the_cnn_with_and_without_augmentation_and_in_bf16():
     from mnist_search import bench
 
     train = band_data().train
     data = Data(train, None, 0.0, 1.0)  # no validation split: bench times training alone
     cpu = torch.device("cpu")
-    for config in (bench.CNN_CONFIG, dataclasses.replace(bench.CNN_CONFIG, augment=1.0)):
-        assert bench.ours(data, 128, cpu, config) > 0
+    for change in ({}, {"augment": 1.0}, {"precision": "bf16"}):
+        assert bench.ours(data, 128, cpu, dataclasses.replace(bench.CNN_CONFIG, **change)) > 0
     assert bench.ours(data, 128, cpu) > 0  # the MLP
 
 
@@ -123,7 +148,8 @@ def test_flags_left_out_take_their_spaces_defaults_and_names_follow_the_space():
     from mnist_search.search import SearchConfig
 
     default = SearchConfig()
-    assert (default.space, default.epochs, default.ensemble) == ("cnn", 5, 6)
+    assert (default.space, default.epochs, default.ensemble) == ("cnn", 5, 4)
+    assert default.retrain_epochs == 10
     assert default.study_name == default.register_as == "mnist-cnn"
     # the original search: its epochs, its single-trial champion, its names
     mlp = SearchConfig(space="mlp")
@@ -133,6 +159,7 @@ def test_flags_left_out_take_their_spaces_defaults_and_names_follow_the_space():
         "mnist-mlp",
         "mnist-mlp",
     )
+    assert mlp.retrain_epochs is None  # each member for the epoch where its validation peaked
     # what is given wins, and the registered model follows the study's name
     given = SearchConfig(space="mlp", epochs=3, ensemble=2, study_name="mine")
     assert (given.epochs, given.ensemble, given.register_as) == (3, 2, "mine")

@@ -187,6 +187,7 @@ STUDY_ERROR = "python -m mnist_search.study: error: "
         (["--epochs", "-1"], "--epochs must be at least 1"),
         (["--workers", "0"], "--workers must be at least 1"),
         (["--ensemble", "0"], "--ensemble must be at least 1"),
+        (["--retrain-epochs", "0"], "--retrain-epochs must be at least 1"),
         (["--seeds", "0", "--trials", "0"], "--trials and --seeds must be at least 1"),
         (["--timeout", "0"], "--timeout must be positive, not 0"),
         (["--space", "rnn"], "argument --space: invalid choice: 'rnn'"),
