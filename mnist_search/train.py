@@ -243,6 +243,7 @@ def fit(
         x, y = data.train.x.index_select(0, idx), data.train.y.index_select(0, idx)
         x = random_affine(x, config.augment, background)
         optimizer.zero_grad(set_to_none=False)
+        # bf16: autocast with its cast cache off, as PyTorch asks of autocast in CUDA graphs
         with torch.autocast(device.type, torch.bfloat16, enabled=bf16, cache_enabled=False):
             loss = loss_fn(model(x), y)
         loss.backward()
