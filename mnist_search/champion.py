@@ -37,7 +37,7 @@ from mnist_search.cli import (
 from mnist_search.data import load_data
 from mnist_search.fetch import data_digest, load_images
 from mnist_search.model import PixelClassifier, training_flops_per_sample
-from mnist_search.space import config_from_params, study_space
+from mnist_search.space import StaleParams, check_rebuildable, config_from_params, study_space
 from mnist_search.storage import DEFAULT_STORAGE
 from mnist_search.tracking import env_defaults, lifecycle
 from mnist_search.train import TrainConfig, fit
@@ -432,6 +432,10 @@ def main(argv: list[str] | None = None) -> int:
     study, tracker = open_existing_study(p, args.study_name, args.storage, args.tracking_uri)
     if not any(t.state.name == "COMPLETE" for t in study.get_trials(deepcopy=False)):
         p.error(f"--study-name {args.study_name!r} has no completed trial to retrain; run it first")
+    try:
+        check_rebuildable(study)
+    except StaleParams as e:
+        p.error(f"--study-name {args.study_name!r}: {e}")
     try:  # before the champion's run is made: unverified or missing files end it here
         ensure_mnist(data_dir)
     except DataError as e:

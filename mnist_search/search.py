@@ -27,7 +27,7 @@ from mnist_search.data import VAL_SIZE, load_data
 from mnist_search.fetch import data_digest, default_data_dir, ensure_mnist
 from mnist_search.objective import OVER_BUDGET, OverBudget, make_objective
 from mnist_search.report import study_figures
-from mnist_search.space import study_space
+from mnist_search.space import StaleParams, check_rebuildable, study_space
 from mnist_search.storage import DEFAULT_STORAGE, check_storage, open_storage
 from mnist_search.summary import (
     finished_count,
@@ -163,6 +163,10 @@ def open_study(name: str, storage, pruner, seed: int, tracker, params: dict, spa
             f"study {name!r} searches --space {made_in}, not {space}: pass --space {made_in} "
             "to resume it, or a new --study-name for a new search"
         )
+    try:
+        check_rebuildable(study)
+    except StaleParams as e:
+        raise BadInput(f"study {name!r}: {e}") from None
     run_id = study.user_attrs.get(PARENT_ATTR) or tracker.find_parent()
     if run_id is None:  # its creator died before making one
         run_id = tracker.create_parent(params)

@@ -66,11 +66,35 @@ def suggest_config(trial: optuna.Trial, epochs: int, seed: int, space: str = "ml
     )
 
 
+class StaleParams(ValueError):
+    """A trial's params include some this version of the space no longer samples: the trial
+    was made by an earlier mnist_search, and rebuilding it here would train something else."""
+
+
 def config_from_params(params: dict, epochs: int, seed: int, space: str = "mlp") -> TrainConfig:
-    """The config a finished trial trained, rebuilt from its params by the same function."""
-    return suggest_config(optuna.trial.FixedTrial(params), epochs, seed, space)
+    """The config a finished trial trained, rebuilt from its params by the same function.
+    Raises StaleParams where they do not fit the space: params it does not sample (FixedTrial
+    would ignore them), or one it samples missing."""
+    trial = optuna.trial.FixedTrial(params)
+    fix = "the study was made by an earlier mnist_search; start a new --study-name"
+    try:
+        config = suggest_config(trial, epochs, seed, space)
+    except ValueError as e:  # FixedTrial: a param the space samples is not there
+        misfit = f"trial params do not fit this version's --space {space} ({e})"
+        raise StaleParams(f"{misfit}: {fix}") from e
+    if stale := sorted(set(params) - set(trial.params)):
+        raise StaleParams(f"trial params {stale} are not in this version's --space {space}: {fix}")
+    return config
 
 
 def study_space(study: optuna.Study) -> str:
     """The space a study samples; studies made before there were several spaces are `mlp`."""
     return study.user_attrs.get("space", "mlp")
+
+
+def check_rebuildable(study: optuna.Study) -> None:
+    """Raise StaleParams if a completed trial of `study` could not be rebuilt in its space."""
+    from optuna.trial import TrialState
+
+    for trial in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
+        config_from_params(trial.params, 1, 0, study_space(study))

@@ -23,6 +23,7 @@ from PIL import Image
 
 from mnist_search import bench, champion, explore, fetch, predict, report, train
 from mnist_search import data as mdata
+from mnist_search.space import suggest_config
 from mnist_search.storage import open_storage
 from mnist_search.tracking import StudyTracker
 from tests.conftest import REPO, write_synthetic_mnist
@@ -33,17 +34,26 @@ no_gpu = pytest.mark.skipif(GPU, reason="a GPU is visible, so --device cuda is v
 
 @pytest.fixture(scope="module")
 def given(tmp_path_factory) -> Path:
-    """A file, an image, synthetic MNIST, and studies `mnist-cnn` (one completed trial) and
-    `bare` (none) in a journal, each with its parent run in a SQLite MLflow store."""
+    """A file, an image, synthetic MNIST, and studies `mnist-cnn` (one completed MLP trial),
+    `bare` (none) and `stale` (one CNN trial with a param today's space no longer samples) in
+    a journal, each with its parent run in a SQLite MLflow store."""
     root = tmp_path_factory.mktemp("given")
     (root / "afile").write_text("a file, not a folder")
     Image.new("L", (28, 28), 0).save(root / "digit.png")
     (root / "digests.json").write_text(json.dumps(write_synthetic_mnist(root / "data")))
     storage = open_storage(str(root / "s.journal"))
-    complete = optuna.trial.create_trial(params={}, distributions={}, value=0.5)
-    optuna.create_study(study_name="mnist-cnn", storage=storage).add_trial(complete)
+    study = optuna.create_study(study_name="mnist-cnn", storage=storage)
+    trial = study.ask()
+    suggest_config(trial, epochs=1, seed=0, space="mlp")
+    study.tell(trial, 0.5)
     optuna.create_study(study_name="bare", storage=storage)
-    for name in ("mnist-cnn", "bare"):
+    stale = optuna.create_study(study_name="stale", storage=storage)
+    stale.set_user_attr("space", "cnn")
+    trial = stale.ask()
+    suggest_config(trial, epochs=1, seed=0, space="cnn")
+    trial.suggest_categorical("schedule", ["constant", "cosine"])  # searched for CNNs until 2378146
+    stale.tell(trial, 0.5)
+    for name in ("mnist-cnn", "bare", "stale"):
         StudyTracker(name, f"sqlite:///{root}/mlflow.db").create_parent({})
     return root
 
@@ -220,6 +230,7 @@ STORES = (
     cases(
         *STORES,
         (["--study-name", "bare"], "--study-name 'bare' has no completed trial to retrain; run it first"),
+        (["--study-name", "stale"], "--study-name 'stale': trial params ['schedule'] are not in this version's --space cnn: the study was made by an earlier mnist_search; start a new --study-name"),
         (["--data-dir", "{given}/afile"], "--data-dir {given}/afile is a file, not a folder"),
         (["--data-dir", "{given}/afile/mnist"], "--data-dir {given}/afile/mnist cannot be a folder: {given}/afile is a file"),
         (["--device", "tpu"], "unknown device 'tpu' for --device; use auto, cpu or cuda"),

@@ -11,7 +11,7 @@ from mnist_search.augment import random_affine
 from mnist_search.champion import export_folder, onnx_max_error
 from mnist_search.data import Data, to_split
 from mnist_search.model import CNN, MLP, PixelClassifier, training_flops_per_sample
-from mnist_search.space import config_from_params, suggest_config
+from mnist_search.space import StaleParams, config_from_params, suggest_config
 from mnist_search.train import TrainConfig, build_model, fit
 from tests.conftest import synthetic_images
 
@@ -124,6 +124,17 @@ def test_the_mlp_space_samples_todays_params():
         "n_layers", *widths, "dropout", "activation", "optimizer", "lr", "weight_decay",
         "schedule", "label_smoothing", "batch_size",
     ]  # fmt: skip
+
+
+def test_params_that_do_not_fit_the_space_are_refused_not_ignored():
+    trial = optuna.create_study().ask()
+    suggest_config(trial, epochs=5, seed=0, space="cnn")
+    old = {**trial.params, "schedule": "constant"}  # searched for CNNs until commit 2378146
+    with pytest.raises(StaleParams, match=r"\['schedule'\] are not in this version's --space cnn"):
+        config_from_params(old, 5, 0, "cnn")
+    missing = {k: v for k, v in trial.params.items() if k != "lr"}
+    with pytest.raises(StaleParams, match="'lr'"):
+        config_from_params(missing, 5, 0, "cnn")
 
 
 def test_cnns_train_with_a_cosine_schedule_in_bf16_which_are_not_searched():

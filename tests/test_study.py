@@ -13,7 +13,7 @@ from mnist_search.data import load_data
 from mnist_search.model import training_flops_per_sample
 from mnist_search.objective import make_objective
 from mnist_search.search import PARENT_ATTR, BadInput, SearchConfig, open_study, run_trials, search
-from mnist_search.space import config_from_params
+from mnist_search.space import config_from_params, suggest_config
 from mnist_search.storage import open_storage
 from mnist_search.summary import progress_points
 from mnist_search.tracking import StudyTracker, load_weights
@@ -149,6 +149,24 @@ def test_rerun_with_more_trials_continues_the_same_study(in_tmp, synthetic_mnist
     with pytest.raises(BadInput, match="pass --space mlp"):
         run(in_tmp, synthetic_mnist, trials=6, space="cnn", study_name="mnist-mlp")
     assert len(load(in_tmp).trials) == 5 and len(trial_runs(client)) == 5
+
+
+def test_a_study_whose_trials_an_earlier_space_made_is_not_resumed(in_tmp, synthetic_mnist):
+    """A CNN study of the version that still searched the schedule: its trials would rebuild
+    as other configs, so resuming (and crowning) it is refused before anything is made."""
+    study = optuna.create_study(
+        study_name="mnist-cnn", storage=open_storage(str(in_tmp / "study.journal"))
+    )
+    study.set_user_attr("space", "cnn")
+    study.set_user_attr(PARENT_ATTR, StudyTracker("mnist-cnn").create_parent({}))
+    trial = study.ask()
+    suggest_config(trial, epochs=2, seed=0, space="cnn")
+    trial.suggest_categorical("schedule", ["constant", "cosine"])
+    study.tell(trial, 0.5)
+    with pytest.raises(BadInput, match=r"trial params \['schedule'\] .* start a new --study-name"):
+        run(in_tmp, synthetic_mnist, trials=2, space="cnn")
+    assert len(load(in_tmp, "mnist-cnn").trials) == 1
+    assert trial_runs(MlflowClient(), "mnist-cnn") == []
 
 
 def test_pruned_and_failed_trials_are_recorded_as_such(in_tmp, synthetic_mnist):
