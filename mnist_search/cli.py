@@ -24,12 +24,10 @@ SPACE_DEFAULTS = {
 
 
 def space_defaults_help(flag: str) -> str:
-    """`mlp: 10, cnn: 5, all: 5`: what leaving `flag` out means in each space, for its --help."""
-    shown = {None: "the trial's best epoch"}
-    return ", ".join(
-        f"{space}: {shown.get(SPACE_DEFAULTS[space][flag], SPACE_DEFAULTS[space][flag])}"
-        for space in SPACES
-    )
+    """`mlp: 10, cnn: 5, all: 5`: what leaving `flag` out means in each space, for its --help
+    (None, for --retrain-epochs: each trial's best epoch)."""
+    shown = lambda value: "the trial's best epoch" if value is None else value  # noqa: E731
+    return ", ".join(f"{space}: {shown(SPACE_DEFAULTS[space][flag])}" for space in SPACES)
 
 
 def default_name(space: str) -> str:

@@ -96,5 +96,6 @@ def check_rebuildable(study: optuna.Study) -> None:
     """Raise StaleParams if a completed trial of `study` could not be rebuilt in its space."""
     from optuna.trial import TrialState
 
+    space = study_space(study)
     for trial in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
-        config_from_params(trial.params, 1, 0, study_space(study))
+        config_from_params(trial.params, 1, 0, space)
