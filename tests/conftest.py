@@ -19,6 +19,7 @@ import torch
 
 from mnist_search import data as mdata
 from mnist_search import fetch
+from mnist_search.space import suggest_config
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -164,3 +165,13 @@ def assert_parent_series(client, study, parent_id: str) -> None:
     ]
     trial = client.get_metric_history(parent_id, "trial_val_accuracy")
     assert sorted((m.step, m.value) for m in trial) == expected_trial
+
+
+def add_earlier_cnn_trial(study) -> None:
+    """Make `study` a CNN study holding one completed trial as the CNN space sampled it until
+    commit 2378146, with a `schedule` param the space no longer samples."""
+    study.set_user_attr("space", "cnn")
+    trial = study.ask()
+    suggest_config(trial, epochs=1, seed=0, space="cnn")
+    trial.suggest_categorical("schedule", ["constant", "cosine"])
+    study.tell(trial, 0.5)

@@ -26,7 +26,7 @@ from mnist_search import data as mdata
 from mnist_search.space import suggest_config
 from mnist_search.storage import open_storage
 from mnist_search.tracking import StudyTracker
-from tests.conftest import REPO, write_synthetic_mnist
+from tests.conftest import REPO, add_earlier_cnn_trial, write_synthetic_mnist
 
 GPU = torch.cuda.is_available()
 no_gpu = pytest.mark.skipif(GPU, reason="a GPU is visible, so --device cuda is valid")
@@ -47,12 +47,7 @@ def given(tmp_path_factory) -> Path:
     suggest_config(trial, epochs=1, seed=0, space="mlp")
     study.tell(trial, 0.5)
     optuna.create_study(study_name="bare", storage=storage)
-    stale = optuna.create_study(study_name="stale", storage=storage)
-    stale.set_user_attr("space", "cnn")
-    trial = stale.ask()
-    suggest_config(trial, epochs=1, seed=0, space="cnn")
-    trial.suggest_categorical("schedule", ["constant", "cosine"])  # searched for CNNs until 2378146
-    stale.tell(trial, 0.5)
+    add_earlier_cnn_trial(optuna.create_study(study_name="stale", storage=storage))
     for name in ("mnist-cnn", "bare", "stale"):
         StudyTracker(name, f"sqlite:///{root}/mlflow.db").create_parent({})
     return root

@@ -13,12 +13,12 @@ from mnist_search.data import load_data
 from mnist_search.model import training_flops_per_sample
 from mnist_search.objective import make_objective
 from mnist_search.search import PARENT_ATTR, BadInput, SearchConfig, open_study, run_trials, search
-from mnist_search.space import config_from_params, suggest_config
+from mnist_search.space import config_from_params
 from mnist_search.storage import open_storage
 from mnist_search.summary import progress_points
 from mnist_search.tracking import StudyTracker, load_weights
 from mnist_search.train import TrainConfig, build_model, evaluate
-from tests.conftest import assert_parent_series
+from tests.conftest import add_earlier_cnn_trial, assert_parent_series
 
 
 def run(in_tmp, data_dir, **settings) -> int:
@@ -157,12 +157,8 @@ def test_a_study_whose_trials_an_earlier_space_made_is_not_resumed(in_tmp, synth
     study = optuna.create_study(
         study_name="mnist-cnn", storage=open_storage(str(in_tmp / "study.journal"))
     )
-    study.set_user_attr("space", "cnn")
     study.set_user_attr(PARENT_ATTR, StudyTracker("mnist-cnn").create_parent({}))
-    trial = study.ask()
-    suggest_config(trial, epochs=2, seed=0, space="cnn")
-    trial.suggest_categorical("schedule", ["constant", "cosine"])
-    study.tell(trial, 0.5)
+    add_earlier_cnn_trial(study)
     with pytest.raises(BadInput, match=r"trial params \['schedule'\] .* start a new --study-name"):
         run(in_tmp, synthetic_mnist, trials=2, space="cnn")
     assert len(load(in_tmp, "mnist-cnn").trials) == 1
