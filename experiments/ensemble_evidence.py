@@ -24,10 +24,12 @@ import sys
 import torch
 
 from mnist_search.champion import members_of
-from mnist_search.cli import DEFAULT_SPACE, add_data_dir_flag, default_name, open_existing_study
+from mnist_search.cli import add_data_dir_flag
 from mnist_search.data import load_data
 from mnist_search.fetch import default_data_dir
+from mnist_search.space import DEFAULT_SPACE, default_name
 from mnist_search.storage import DEFAULT_STORAGE
+from mnist_search.studies import BadInput, open_existing
 from mnist_search.tracking import load_weights
 from mnist_search.train import TrainConfig, build_model, predict_logits
 
@@ -85,7 +87,10 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # one bar per trial
     if not 1 <= args.max_k <= args.candidates:
         p.error("--max-k must be at least 1 and at most --candidates")
-    study, _ = open_existing_study(p, args.study_name, args.storage, args.tracking_uri)
+    try:
+        study, _ = open_existing(args.study_name, args.storage, args.tracking_uri)
+    except BadInput as e:
+        p.error(str(e))
     trials = members_of(study, args.candidates)
     val = load_data(args.data_dir or default_data_dir()).val
     probs = member_probs(trials, args.tracking_uri, val.x)

@@ -25,10 +25,12 @@ import time
 import torch
 
 from mnist_search.champion import members_of, retrain_configs
-from mnist_search.cli import DEFAULT_SPACE, add_data_dir_flag, default_name, open_existing_study
+from mnist_search.cli import add_data_dir_flag
 from mnist_search.data import load_data
 from mnist_search.fetch import default_data_dir
+from mnist_search.space import DEFAULT_SPACE, default_name
 from mnist_search.storage import DEFAULT_STORAGE
+from mnist_search.studies import BadInput, open_existing
 from mnist_search.train import fit, predict_logits
 
 
@@ -56,7 +58,10 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if min(args.epochs) < 1 or args.k < 1 or args.seeds < 1:
         p.error("--epochs, --k and --seeds must be at least 1")
-    study, _ = open_existing_study(p, args.study_name, args.storage, args.tracking_uri)
+    try:
+        study, _ = open_existing(args.study_name, args.storage, args.tracking_uri)
+    except BadInput as e:
+        p.error(str(e))
     members = members_of(study, args.k)
     data = load_data(args.data_dir or default_data_dir(), args.device)
     numbers = ", ".join(str(t.number) for t in members)

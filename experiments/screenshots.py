@@ -1,9 +1,9 @@
 """The README's MLflow UI screenshots, taken from a real study in a real headless browser.
 
-    python experiments/screenshots.py STUDY_DIR [--out docs] [--study-name mnist-mlp]
+    python experiments/screenshots.py STUDY_DIR [--out docs] [--study-name mnist-cnn]
 
-STUDY_DIR is the folder a study ran in (its `mlflow.db` and `mlruns/`), e.g. after
-`python -m mnist_search.study --trials 12 --epochs 3 --space mlp` there. It starts `mlflow ui` on
+STUDY_DIR is the folder a study ran in (its `mlflow.db` and `mlruns/`), e.g. after the default
+`python -m mnist_search.study --trials 50` there. It starts `mlflow ui` on
 loopback in that folder and Debian's chromium through chromedriver (`apt-get install -y chromium
 chromium-driver`), drives them over the WebDriver protocol (plain HTTP, so no selenium), and
 writes, in --out:
@@ -54,8 +54,13 @@ CHROMIUM_FLAGS = [
 
 TRAINING = "machine_learning"  # the UI's "Model training" switch, top left, not "GenAI"
 # The runs table's columns: off, the empty ones; on, the objective and what reads a row.
-COLUMNS_OFF = ["Dataset", "Source", "Models"]
-COLUMNS_ON = ["best_val_accuracy", "n_layers", "width_0", "width_1", "width_2", "lr", "batch_size"]
+COLUMNS_OFF = ["Source"]
+# the objective, then the params that read a row, by the study's space
+COLUMNS_ON = {
+    "cnn": ["best_val_accuracy", "channels_0", "channels_1", "kernel", "head_width", "augment",
+            "lr", "batch_size"],
+    "mlp": ["best_val_accuracy", "n_layers", "width_0", "width_1", "width_2", "lr", "batch_size"],
+}  # fmt: skip
 
 
 def free_port() -> int:
@@ -165,8 +170,9 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("study_dir", type=Path, help="the folder the study ran in")
     p.add_argument("--out", type=Path, default=Path("docs"), help="where the PNGs go")
-    p.add_argument("--study-name", default="mnist-mlp")
-    p.add_argument("--register-as", default="mnist-mlp")
+    p.add_argument("--study-name", default="mnist-cnn")
+    p.add_argument("--register-as", default="mnist-cnn")
+    p.add_argument("--space", choices=sorted(COLUMNS_ON), default="cnn", help="the study's")
     args = p.parse_args(argv)
     study_dir = args.study_dir.resolve()
     args.out.mkdir(parents=True, exist_ok=True)
@@ -215,7 +221,7 @@ def main(argv: list[str] | None = None) -> int:
         if browser.exists("//button[@aria-label='Close']"):  # the MLflow Assistant's panel
             browser.click("//button[@aria-label='Close']")
         browser.click("//button[normalize-space()='Columns']")
-        for column in COLUMNS_OFF + COLUMNS_ON:
+        for column in COLUMNS_OFF + COLUMNS_ON[args.space]:
             browser.click(f"(//*[normalize-space(text())='{column}'])[last()]")
         browser.click("//button[normalize-space()='Columns']")
         time.sleep(2)

@@ -21,8 +21,8 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from mnist_search.cli import HelpFormatter, add_data_dir_flag, check_folder
-from mnist_search.train import TrainConfig, build_model, fit, resolve_device
+from mnist_search import cli
+from mnist_search.train import TrainConfig, build_model, fit
 
 if TYPE_CHECKING:  # imported where used, so --help is instant
     import torch
@@ -141,30 +141,20 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(
         prog="python -m mnist_search.bench",
         description="Measure training throughput: the usual way, ours, and the machine's ceiling.",
-        formatter_class=HelpFormatter,
+        formatter_class=cli.HelpFormatter,
     )
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
     p.add_argument("--samples", type=int, default=20_000, help="training samples per row")
-    add_data_dir_flag(p)
+    cli.add_data_dir_flag(p)
     args = p.parse_args(argv)
     if args.samples < 512:
         p.error("--samples must be at least 512")
+    data_dir, device = cli.data_dir(p, args), cli.device(p, args)
+    if not cli.mnist_ready(data_dir):
+        return 1
 
     import torch
 
-    from mnist_search.fetch import DataError, default_data_dir, ensure_mnist
-
-    data_dir = args.data_dir or default_data_dir()
-    check_folder(p, "--data-dir", data_dir)
-    try:
-        device = resolve_device(args.device)
-    except ValueError as e:
-        p.error(str(e))
-    try:
-        ensure_mnist(data_dir)
-    except DataError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
     rows = bench(data_dir, device, args.samples)
     name = torch.cuda.get_device_name() if device.type == "cuda" else "CPU"
     print(f"device: {device} ({name}), torch threads: {torch.get_num_threads()}")

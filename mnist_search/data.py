@@ -14,8 +14,7 @@ from pathlib import Path
 
 import torch
 
-from mnist_search import fetch
-from mnist_search.cli import check_folder
+from mnist_search import cli, fetch
 
 VAL_SIZE = 10_000  # held out of 60,000, stratified: per-class rounding makes it 10,001
 SPLIT_SEED = 0  # fixed so that every study selects on the same validation images
@@ -94,7 +93,8 @@ def load_data(
 
 
 def load_test(data_dir: Path, mean: float, std: float, device="cpu") -> Split:
-    """The 10,000 test images: read once, for the final model only."""
+    """The 10,000 test images, for a final model only (`train --test`; the champion reads them
+    through `fetch.load_images`)."""
     images, labels = fetch.load_images(data_dir, train=False)
     return to_split(images, labels, mean, std, device)
 
@@ -123,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
         help=f"where MNIST lives (default: ${fetch.DATA_DIR_ENV} or ./data; now %(default)s)",
     )
     args = parser.parse_args(argv)
-    check_folder(parser, "--data-dir", args.data_dir)  # before any download lands beside a file
+    cli.check_folder(parser, "--data-dir", args.data_dir)  # before a download lands beside a file
     try:
         source = fetch.ensure_mnist(args.data_dir)
     except fetch.DataError as e:

@@ -10,13 +10,13 @@ import argparse
 import sys
 from pathlib import Path
 
-from mnist_search.cli import HelpFormatter, add_data_dir_flag, check_folder
+from mnist_search import cli
 
 # torch, matplotlib (through report) and MLflow are imported where used, so --help is instant
 
 
 def sample_grid(images, labels, path: Path, per_class: int = 10) -> Path:
-    from mnist_search.report import plt, save_figure
+    from mnist_search.figures import plt, save_figure
 
     fig, axes = plt.subplots(10, per_class, figsize=(per_class * 0.9, 10 * 0.95))
     for digit in range(10):
@@ -33,7 +33,7 @@ def sample_grid(images, labels, path: Path, per_class: int = 10) -> Path:
 
 
 def class_counts_chart(counts: dict[str, list[int]], path: Path) -> Path:
-    from mnist_search.report import plt, save_figure
+    from mnist_search.figures import plt, save_figure
 
     fig, ax = plt.subplots(figsize=(9, 4))
     width = 0.8 / len(counts)
@@ -46,7 +46,7 @@ def class_counts_chart(counts: dict[str, list[int]], path: Path) -> Path:
 
 
 def mean_images(images, labels, path: Path) -> Path:
-    from mnist_search.report import plt, save_figure
+    from mnist_search.figures import plt, save_figure
 
     fig, axes = plt.subplots(2, 5, figsize=(10, 4.5))
     for digit, ax in enumerate(axes.ravel()):
@@ -57,7 +57,7 @@ def mean_images(images, labels, path: Path) -> Path:
 
 
 def intensity_histograms(images, mean: float, std: float, path: Path) -> Path:
-    from mnist_search.report import plt, save_figure
+    from mnist_search.figures import plt, save_figure
 
     raw = images.flatten().float()
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
@@ -151,8 +151,8 @@ test): mean {mean:.4f}, std {std:.4f} (pixels scaled to [0, 1]).
 - **Flatten.** An MLP takes vectors: each 28x28 image becomes 784 features, `(N, 28, 28) -> (N, 784)`.
 - **Validation split.** {len(val_idx):,} training images, stratified by class with a fixed seed
   ({SPLIT_SEED}), select the hyperparameters; the largest gap between a class's share of
-  train and of validation is {drift:.3%}. The {len(test_labels):,} test images are read once,
-  by the champion.
+  train and of validation is {drift:.3%}. The {len(test_labels):,} test images are counted here
+  and score a model only after the search: the champion's, once per retrain.
 """  # noqa: E501
     (out / "summary.md").write_text(summary)
     return paths + [out / "summary.md"]
@@ -162,33 +162,24 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(
         prog="python -m mnist_search.explore",
         description="Explore MNIST: figures, class counts, and the numbers behind preprocessing.",
-        formatter_class=HelpFormatter,
+        formatter_class=cli.HelpFormatter,
     )
     p.add_argument("--out", type=Path, default=Path("reports/explore"), help="folder to write to")
-    add_data_dir_flag(p)
-    p.add_argument(
-        "--tracking-uri",
-        default=None,
-        help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db)",
-    )
+    cli.add_data_dir_flag(p)
+    cli.add_tracking_flag(p)
     p.add_argument(
         "--ablation-epochs", type=int, default=2, help="epochs of each normalization's MLP"
     )
     args = p.parse_args(argv)
     if args.ablation_epochs < 1:
         p.error("--ablation-epochs must be at least 1")
-    check_folder(p, "--out", args.out)
+    cli.check_folder(p, "--out", args.out)
+    data_dir = cli.data_dir(p, args)
+    if not cli.mnist_ready(data_dir):
+        return 1
 
-    from mnist_search.fetch import DataError, default_data_dir, ensure_mnist
     from mnist_search.tracking import ROLE_TAG, StudyTracker, TrackingError, create_run, lifecycle
 
-    data_dir = args.data_dir or default_data_dir()
-    check_folder(p, "--data-dir", data_dir)
-    try:
-        ensure_mnist(data_dir)
-    except DataError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
     try:  # before the work: an unreachable store is reported now, not after the figures
         tracker = StudyTracker("mnist-explore", args.tracking_uri)  # opens or creates it
     except TrackingError as e:

@@ -1,8 +1,8 @@
-"""The objective: a trial's config from the search space, plain `fit`, and the trial's MLflow run.
+"""A trial: its config from the search space, plain `fit`, and the trial's MLflow run.
 
 Pruning and logging reach `fit` through its epoch hook; how the run ends (FINISHED, KILLED for a
 pruned or interrupted trial, FAILED) is `tracking.lifecycle`'s decision. A trial that starts
-beyond the budget is given back before training.
+beyond the budget is given back before training (`give_back`).
 """
 
 from __future__ import annotations
@@ -23,14 +23,6 @@ from mnist_search.train import build_model, fit
 OVER_BUDGET = "over_budget"  # trial user attribute: given back before training
 
 
-class OverBudget(Exception):
-    """Raised by the objective for a trial that found the budget taken: it ends as FAIL."""
-
-    def __init__(self, number: int, reason: str):
-        super().__init__(reason)
-        self.number = number
-
-
 def places_taken_before(trial: optuna.Trial) -> int:
     """Trials numbered before `trial` that are finished (complete or pruned) or running.
 
@@ -43,33 +35,26 @@ def places_taken_before(trial: optuna.Trial) -> int:
     return sum(t.number < trial.number for t in earlier)
 
 
-def make_objective(
-    data,
-    device,
-    epochs: int,
-    seed: int,
-    tracker,
-    cuda_graphs: bool = True,
-    budget: int | None = None,
-    space: str = "mlp",
-):
-    """The objective: config from the `space`, plain `fit`, with pruning and logging in the hook.
-    With a `budget`, a trial that finds `budget` earlier trials finished or running is given
-    back before training: FAIL with the user attribute `over_budget`, its run KILLED with
-    `optuna_state=OVER_BUDGET`. So the study never has more than `budget` finished trials, however
-    many workers on however many machines asked for the last place at the same moment."""
+def give_back(trial: optuna.Trial, tracker, budget: int, taken: int) -> str:
+    """Mark `trial` as given back before training: the user attributes `over_budget` and
+    `fail_reason`, and an MLflow run ended KILLED with `optuna_state=OVER_BUDGET`. Returns the
+    reason; the caller tells the study the trial FAILED."""
+    reason = (
+        f"over budget: {taken} earlier trials already finished or running fill "
+        f"--trials {budget}; given back before training"
+    )
+    trial.set_user_attr(OVER_BUDGET, True)
+    trial.set_user_attr("fail_reason", reason)
+    run = tracker.start_trial(trial.number, {})
+    trial.set_user_attr("mlflow_run_id", run.run_id)
+    run.end("KILLED", "OVER_BUDGET", reason)  # it never did any work to end otherwise
+    return reason
 
-    def give_back(trial: optuna.Trial, taken: int) -> None:
-        reason = (
-            f"over budget: {taken} earlier trials already finished or running fill "
-            f"--trials {budget}; given back before training"
-        )
-        trial.set_user_attr(OVER_BUDGET, True)
-        trial.set_user_attr("fail_reason", reason)
-        run = tracker.start_trial(trial.number, {})
-        trial.set_user_attr("mlflow_run_id", run.run_id)
-        with lifecycle(run, {OverBudget: "OVER_BUDGET"}):
-            raise OverBudget(trial.number, reason)
+
+def make_objective(data, device, epochs: int, seed: int, tracker, cuda_graphs=True, space="mlp"):
+    """The objective: config from the `space`, plain `fit`, with pruning and logging in the
+    hook. Returns the best validation accuracy over the trial's epochs; raises TrialPruned
+    when the pruner stops it; any other error ends its run FAILED with the `fail_reason`."""
 
     def train(trial: optuna.Trial, config, run) -> float:
         start = time.perf_counter()
@@ -99,10 +84,6 @@ def make_objective(
         return value
 
     def objective(trial: optuna.Trial) -> float:
-        trial.set_user_attr("host", socket.gethostname())
-        trial.set_user_attr("pid", os.getpid())
-        if budget is not None and (taken := places_taken_before(trial)) >= budget:
-            give_back(trial, taken)
         config = suggest_config(trial, epochs, seed, space)
         flops = training_flops_per_sample(build_model(config))  # the trial's cost, comparable
         trial.set_user_attr("flops_per_sample", flops)  # across families (as bench counts it)
@@ -114,3 +95,10 @@ def make_objective(
             return train(trial, config, run)
 
     return objective
+
+
+def mark_worker(trial: optuna.Trial) -> None:
+    """Which process runs `trial`: the user attributes `host` and `pid`, by which the workers of
+    a machine free the places of trials whose process died (`workers.fail_dead_trials`)."""
+    trial.set_user_attr("host", socket.gethostname())
+    trial.set_user_attr("pid", os.getpid())

@@ -14,7 +14,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from mnist_search.cli import DEFAULT_SPACE, HelpFormatter, default_name
+from mnist_search import cli
+from mnist_search.space import DEFAULT_SPACE, default_name
 from mnist_search.storage import sqlite_path
 
 
@@ -78,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(
         prog="python -m mnist_search.predict",
         description="Predict the digit in each image file with a model from the registry.",
-        formatter_class=HelpFormatter,
+        formatter_class=cli.HelpFormatter,
     )
     p.add_argument("images", nargs="+", type=Path, help="PNG/JPEG files, any size or colors")
     p.add_argument(
@@ -86,11 +87,7 @@ def main(argv: list[str] | None = None) -> int:
         default=f"models:/{default_name(DEFAULT_SPACE)}@champion",
         help="an MLflow model: models:/NAME@ALIAS, models:/NAME/VERSION, runs:/ID/model, a path",
     )
-    p.add_argument(
-        "--tracking-uri",
-        default=None,
-        help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db)",
-    )
+    cli.add_tracking_flag(p)
     args = p.parse_args(argv)
     folders = [str(path) for path in args.images if path.is_dir()]
     if folders:

@@ -9,12 +9,53 @@ from the search.
 
 from __future__ import annotations
 
-import optuna
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-from mnist_search.cli import SPACES
 from mnist_search.train import TrainConfig
 
+if TYPE_CHECKING:  # optuna is imported where used: `study --help` reads this module's names
+    import optuna
+
+SPACES = ("mlp", "cnn", "all")
+DEFAULT_SPACE = "cnn"  # the best test accuracy within the MLP search's wall time (docs/results.md)
 BATCH_SIZES = [128, 256, 512]  # below 128, steps are overhead-bound on a 2-core CPU
+BEST_EPOCH = "best"  # a member retrains for the epoch count where its validation peaked
+
+
+@dataclass(frozen=True)
+class SpaceDefaults:
+    """What a flag left out means in a space."""
+
+    epochs: int  # most epochs per trial
+    ensemble: int  # how many best trials the champion averages
+    retrain_epochs: int | str  # epochs each member retrains for, or BEST_EPOCH
+
+
+# `mlp` keeps the original search and its champion exactly. CNNs: 5 epochs per trial, then 4
+# members retrained for 10 epochs each (their cosine stretched), the most accurate ensemble on
+# validation that fit the search and its champion into the MLP search's time on 2 CPU cores
+# (docs/search-space.md, "The ensemble").
+DEFAULTS = {
+    "mlp": SpaceDefaults(epochs=10, ensemble=1, retrain_epochs=BEST_EPOCH),
+    "cnn": SpaceDefaults(epochs=5, ensemble=4, retrain_epochs=10),
+    "all": SpaceDefaults(epochs=5, ensemble=4, retrain_epochs=10),
+}
+
+
+def default_name(space: str) -> str:
+    """The default name of a study and of its registered model: `mnist-mlp` for the original
+    project's MLP search, as before there were other spaces; `mnist-cnn`, `mnist-all`."""
+    return f"mnist-{space}"
+
+
+def defaults_help(field: str) -> str:
+    """`mlp: 10, cnn: 5, all: 5`: what leaving the flag of `field` out means in each space."""
+
+    def shown(value) -> str:
+        return "the trial's best epoch" if value == BEST_EPOCH else str(value)
+
+    return ", ".join(f"{space}: {shown(getattr(DEFAULTS[space], field))}" for space in SPACES)
 
 
 def suggest_config(trial: optuna.Trial, epochs: int, seed: int, space: str = "mlp") -> TrainConfig:
@@ -75,6 +116,8 @@ def config_from_params(params: dict, epochs: int, seed: int, space: str = "mlp")
     """The config a finished trial trained, rebuilt from its params by the same function.
     Raises StaleParams where they do not fit the space: params it does not sample (FixedTrial
     would ignore them), or one it samples missing."""
+    import optuna
+
     trial = optuna.trial.FixedTrial(params)
     fix = "the study was made by an earlier mnist_search; start a new --study-name"
     try:

@@ -8,6 +8,10 @@ the package: every command that reads a study stands on it.
 
 from __future__ import annotations
 
+import threading
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 DEFAULT_STORAGE = "optuna-journal.log"
@@ -59,7 +63,9 @@ def open_storage(url: str):
     from optuna.storages.journal import JournalFileBackend, JournalStorage
 
     if "://" in url:  # the heartbeat fails trials of workers that died on any host
-        return optuna.storages.RDBStorage(url, heartbeat_interval=30, grace_period=120)
+        with warnings.catch_warnings():  # the heartbeat is experimental since Optuna 2.9
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            return optuna.storages.RDBStorage(url, heartbeat_interval=30, grace_period=120)
     return JournalStorage(JournalFileBackend(url))
 
 
@@ -81,3 +87,30 @@ def load_existing_study(name: str, url: str):
         return optuna.load_study(study_name=name, storage=open_storage(url))
     except KeyError:
         raise ValueError(f"--study-name: no study {name!r} in {url}; run the study first") from None
+
+
+@contextmanager
+def heartbeat(storage, trial_id: int) -> Iterator[None]:
+    """While the block runs, record the trial's heartbeat every interval, as Optuna's own
+    `optimize` does, on a storage that keeps heartbeats (an RDB storage opened with a
+    `heartbeat_interval`): once this process stops, other workers fail the trial after the
+    storage's grace period. Elsewhere it does nothing."""
+    interval = getattr(storage, "get_heartbeat_interval", lambda: None)()
+    if interval is None:
+        yield
+        return
+    stop = threading.Event()
+
+    def beat() -> None:
+        while True:
+            storage.record_heartbeat(trial_id)
+            if stop.wait(interval):
+                return
+
+    thread = threading.Thread(target=beat, name=f"heartbeat-{trial_id}", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()

@@ -1,26 +1,22 @@
 """`python -m mnist_search.study`: the search's flags, turned into a `search.SearchConfig`.
 
-The search itself (Optuna study, MLflow runs, champion) is `search.search`; this module only
-parses flags, so that `--help` is instant, and maps errors to exit codes: 2 for a bad flag
-(nothing created), 1 when MNIST cannot be put in place, 130/143 when interrupted.
+The search itself (Optuna study, MLflow runs, champion) is `search.search`; this module parses
+flags, so that `--help` is instant, prints what the search returns, and maps errors to exit
+codes: 2 for a bad flag (nothing created), 1 when MNIST cannot be put in place, 130/143 when
+interrupted.
 """
 
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
-from pathlib import Path
 
-from mnist_search.cli import (
-    DEFAULT_SPACE,
-    PRUNERS,
-    SPACES,
-    HelpFormatter,
-    add_champion_flags,
-    add_device_flags,
-    space_defaults_help,
-)
+from mnist_search import cli
+from mnist_search.space import DEFAULT_SPACE, SPACES, defaults_help
 from mnist_search.storage import DEFAULT_STORAGE
+
+PRUNERS = ("hyperband", "median", "none")  # search.PRUNERS, named here for an instant --help
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -28,7 +24,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m mnist_search.study",
         description="Search network hyperparameters for MNIST with Optuna, track every trial "
         "in MLflow, then retrain, test and register the best.",
-        formatter_class=HelpFormatter,
+        formatter_class=cli.HelpFormatter,
     )
     p.add_argument(
         "--trials",
@@ -43,7 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--epochs",
         type=int,
         default=None,
-        help=f"most epochs per trial (default, by --space: {space_defaults_help('epochs')})",
+        help=f"most epochs per trial (default, by --space: {defaults_help('epochs')})",
     )
     p.add_argument(
         "--space",
@@ -53,44 +49,12 @@ def build_parser() -> argparse.ArgumentParser:
         "batches), mlp (the original project's fully connected nets on plain pixels, searched "
         "and crowned as before), all",
     )
-    p.add_argument(
-        "--study-name",
-        default=None,
-        help="the study to create or resume (default: mnist-SPACE, so mnist-cnn; mnist-mlp is "
-        "the original project's MLP search)",
-    )
-    p.add_argument(
-        "--storage",
-        default=DEFAULT_STORAGE,
-        help="Optuna storage: an RDB URL (sqlite:///..., postgresql://...) or the "
-        "path of a journal file (safe for concurrent workers)",
-    )
-    p.add_argument(
-        "--tracking-uri",
-        default=None,
-        help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else MLflow's own "
-        "default, sqlite:///mlflow.db with artifacts in ./mlruns)",
-    )
-    p.add_argument(
-        "--data-dir",
-        type=Path,
-        default=None,
-        help="where MNIST lives (default: $MNIST_SEARCH_DATA or ./data)",
-    )
+    cli.add_study_flags(p, None, DEFAULT_STORAGE)
+    cli.add_data_dir_flag(p)
     p.add_argument("--seed", type=int, default=0, help="seeds the sampler and every trial")
-    add_device_flags(p)
-    p.add_argument(
-        "--pruner",
-        choices=PRUNERS,
-        default="hyperband",
-        help="how trials are stopped early on validation accuracy",
-    )
-    p.add_argument(
-        "--timeout",
-        type=float,
-        default=None,
-        help="stop starting new trials after this many seconds",
-    )
+    cli.add_device_flags(p)
+    p.add_argument("--pruner", choices=PRUNERS, default="hyperband", help="how trials stop early")
+    p.add_argument("--timeout", type=float, default=None, help="start no trial after this (s)")
     p.add_argument(
         "--workers",
         type=int,
@@ -101,37 +65,43 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--no-champion",
         action="store_true",
-        help="skip retraining, testing and registering the best trial at the end",
+        help="skip retraining, testing and registering the best trials at the end",
     )
-    add_champion_flags(p)
+    cli.add_champion_flags(p, defaults_help)
     return p
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, launcher: list[str] | None = None) -> int:
+    """The command. `launcher` is how workers 2..N start (default: `python -m
+    mnist_search.study`); a script that wraps this command passes its own."""
     parser = build_parser()
     args = parser.parse_args(argv)
     # the heavy imports only now that the flags parse, so that --help is instant
+    from mnist_search.champion import ChampionConfig
     from mnist_search.fetch import DataError
     from mnist_search.search import BadInput, SearchConfig, search
 
     flags = vars(args)
-    flags["champion"] = not flags.pop("no_champion")
+    crowning = {k: flags.pop(k) for k in ("ensemble", "retrain_epochs", "seeds", "register_as")}
+    no_champion = flags.pop("no_champion")
+    logging.basicConfig(format="%(message)s")  # the search's one-line notices, on stderr
     try:
-        result = search(
-            SearchConfig(**flags), launcher=launcher() if argv in (None, sys.argv[1:]) else None
-        )
+        champion = ChampionConfig(**crowning)  # checked even with --no-champion
+        champion = None if no_champion else champion
+        result = search(SearchConfig(**flags, champion=champion), launcher)
     except BadInput as e:
         parser.error(str(e))
     except DataError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
+    board = result.leaderboard
+    if args.worker_id == 0 and not board.empty:
+        columns = ["trial", "state", "val_accuracy", "epochs", "seconds"]
+        print(board[columns].to_string(index=False, float_format=lambda v: f"{v:.4f}"))
+        print(f"leaderboard saved to reports/{result.study.study_name}/leaderboard.csv")
+    if result.champion is not None:
+        print(result.champion.summary())
     return result.exit_code
-
-
-def launcher() -> list[str]:
-    """How this process was started (`python -m mnist_search.study`, or a script that calls
-    `main` with the command line's flags), so that worker processes start the same way."""
-    return [sys.executable, *sys.orig_argv[1 : len(sys.orig_argv) - len(sys.argv) + 1]]
 
 
 if __name__ == "__main__":

@@ -17,31 +17,34 @@ import torch
 from mlflow import MlflowClient
 from PIL import Image
 
-from mnist_search import champion, predict
+from mnist_search import champion, predict, ship
+from mnist_search.champion import ChampionConfig
 from mnist_search.fetch import load_images
 from mnist_search.model import PixelClassifier
 from mnist_search.search import SearchConfig, search
 from mnist_search.storage import open_storage
 from mnist_search.tracking import StudyTracker, load_weights
 from mnist_search.train import TrainConfig, build_model
-from tests.conftest import assert_parent_series, free_port, use_synthetic_mnist, wait_for_http
+from tests.helpers import assert_parent_series, free_port, use_synthetic_mnist, wait_for_http
 
 
 @pytest.fixture(scope="module")
 def crowned(tmp_path_factory):
-    """A 2-trial study of CNNs on synthetic data, crowned as an ensemble of
-    both trials (no pruning: both complete), each retrained for 3 epochs: (folder, data_dir,
+    """A 2-trial study of CNNs on synthetic data, crowned as an ensemble of both trials (no
+    pruning: both complete), each retrained for 3 epochs, with 2 seeds: (folder, data_dir,
     study, crown's metrics)."""
     tmp = tmp_path_factory.mktemp("champion")
     with pytest.MonkeyPatch.context() as mp:  # undone before the tests: each sets what it needs
         mp.chdir(tmp)
         mp.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp}/mlflow.db")
         data_dir = use_synthetic_mnist(mp, tmp / "data")
+        crowning = ChampionConfig(ensemble=2, retrain_epochs=3, seeds=2)
         config = SearchConfig(
-            trials=2, epochs=2, data_dir=data_dir, device="cpu", space="cnn", ensemble=2,
-            retrain_epochs=3, pruner="none", storage=str(tmp / "s.journal"),
+            trials=2, epochs=2, data_dir=data_dir, device="cpu", space="cnn", pruner="none",
+            storage=str(tmp / "s.journal"), champion=crowning,
         )  # fmt: skip
-        assert search(config).exit_code == 0
+        result = search(config)
+        assert result.exit_code == 0 and result.champion.shipped.alias == "champion"
     storage = open_storage(str(tmp / "s.journal"))
     study = optuna.load_study(study_name="mnist-cnn", storage=storage)
     metrics = json.loads((tmp / "exports/mnist-cnn/metrics.json").read_text())
@@ -92,6 +95,14 @@ def test_the_champion_is_registered_with_alias_and_tags(crowned):
         "figures/per_class_accuracy.png",
         "figures/confident_mistakes.png",
     }
+    by_seed = client.get_metric_history(run.info.run_id, "test_accuracy_by_seed")
+    accuracies = [m.value for m in sorted(by_seed, key=lambda m: m.step)]
+    assert len(accuracies) == 2 and accuracies[0] == pytest.approx(metrics["test_accuracy"])
+    assert metrics["test_accuracy_seed_mean"] == pytest.approx(sum(accuracies) / 2)
+    assert (metrics["test_accuracy_seed_min"], metrics["test_accuracy_seed_max"]) == (
+        pytest.approx(min(accuracies)),
+        pytest.approx(max(accuracies)),
+    )
     assert {a.path for a in client.list_artifacts(run.info.run_id, "test")} == {
         "test/confusion_matrix.csv",
         "test/misclassified_test_indices.json",
@@ -195,7 +206,7 @@ def crowned_by_cli(tmp_path_factory):
         storage = str(tmp / "s.journal")
         config = SearchConfig(
             trials=1, epochs=3, pruner="none", data_dir=data_dir, device="cpu", storage=storage,
-            champion=False, space="mlp",
+            champion=None, space="mlp",
         )  # fmt: skip
         result = search(config)
         assert result.exit_code == 0 and result.champion is None
@@ -242,57 +253,47 @@ def test_the_champion_cli_crowns_a_study_searched_without_one(crowned_by_cli):
     assert client.get_run(parent_id).data.tags["mnist_search.role"] == "study"
 
 
-def test_crown_gives_champion_to_a_better_model_and_challenger_to_a_worse(
-    crowned_by_cli, tmp_path, monkeypatch
-):
-    """Three crowns of one study under another registered name. Each reads a test set with
-    some digits relabelled as the next digit: the same model then scores lower, as a worse
-    one would, and crown's own test, tags and registration decide the alias."""
-    run = crowned_by_cli
-    monkeypatch.chdir(tmp_path)  # crown's figures go to ./reports
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", run.uri)  # where crown logs the model
-    client = MlflowClient(run.uri)
-    tracker = StudyTracker("mnist-mlp", run.uri)
-    tracker.require_parent()
-    real_load_images = champion.load_images
+def test_an_alias_goes_to_the_better_model_and_never_to_a_worse_one():
+    assert ship.choose_alias(0.90, None) == "champion"  # the first version
+    assert ship.choose_alias(0.95, 0.90) == "champion"
+    assert ship.choose_alias(0.90, 0.90) == "champion"  # as good: the newer one
+    assert ship.choose_alias(0.85, 0.90) == "challenger"
+    assert ship.choose_alias(0.85, float("nan")) == "champion"  # a champion without its tag
 
-    def crown(mislabelled: int) -> dict:
-        def load_images(data_dir, train):
-            images, labels = real_load_images(data_dir, train)
-            if not train:  # digits below `mislabelled` are labelled as the next one
-                labels = torch.where(labels < mislabelled, (labels + 1) % 10, labels)
-            return images, labels
 
-        monkeypatch.setattr(champion, "load_images", load_images)
-        return champion.crown(
-            run.study, tracker, run.data_dir, torch.device("cpu"), register_as="ladder",
-            export_root=tmp_path / "exports", cuda_graphs=False,
-        )  # fmt: skip
+def test_register_moves_the_aliases_and_describes_the_champion(in_tmp):
+    """Three versions of one untrained net, registered as if they had tested at 0.5, 0.4 and
+    0.6: the registry's aliases and descriptions follow `choose_alias`."""
+    client = MlflowClient()
+    tracker = StudyTracker("ladder")
+    tracker.create_parent({})
+    config = TrainConfig(hidden=(8,))
+    model = PixelClassifier([build_model(config)], mean=0.1, std=0.3).eval()
+    example = torch.randint(0, 256, (8, 784), dtype=torch.uint8)
+
+    def register(accuracy: float) -> tuple[str, str]:
+        metrics = {"test_accuracy": accuracy, "test_images": 10_000, "parameters": 6370}
+        card = ship.ModelCard("ladder", "ladder-study", [3], [config], metrics, "0" * 16)
+        run = tracker.start_run("champion", f"champion-{accuracy}")
+        return ship.register(run, model, card, example)
 
     def holder(alias: str) -> str:
         return str(client.get_model_version_by_alias("ladder", alias).version)
 
-    def described_as_champion(result: dict) -> bool:  # the registered model's page says so
-        text = client.get_registered_model("ladder").description
-        return f"version {result['version']}, test accuracy {result['test_accuracy']:.2%}" in text
+    def described_champion() -> str:
+        return client.get_registered_model("ladder").description
 
-    first = crown(mislabelled=5)
-    assert first["alias"] == "champion" and holder("champion") == first["version"]
-    worse = crown(mislabelled=10)
-    assert worse["test_accuracy"] < first["test_accuracy"]
-    assert worse["alias"] == "challenger" and holder("challenger") == worse["version"]
-    assert holder("champion") == first["version"]
-    assert described_as_champion(first)
-    better = crown(mislabelled=0)
-    assert better["test_accuracy"] > first["test_accuracy"]
-    assert better["alias"] == "champion" and holder("champion") == better["version"]
-    assert holder("challenger") == worse["version"]
-    assert described_as_champion(better)
-    for result in (first, worse, better):  # each version's tag is what its crown measured
-        tags = client.get_model_version("ladder", result["version"]).tags
-        assert float(tags["test_accuracy"]) == pytest.approx(result["test_accuracy"], abs=1e-6)
-    # register_as: none of this touched the study's default registered model
-    assert [str(v.version) for v in client.search_model_versions("name='mnist-mlp'")] == ["1"]
+    assert register(0.5) == ("1", "champion")
+    assert register(0.4) == ("2", "challenger")
+    assert holder("champion") == "1" and holder("challenger") == "2"
+    assert "version 1, test accuracy 50.00%" in described_champion()
+    assert register(0.6) == ("3", "champion")
+    assert holder("champion") == "3" and holder("challenger") == "2"
+    assert "version 3, test accuracy 60.00%" in described_champion()
+    for version, accuracy in (("1", 0.5), ("2", 0.4), ("3", 0.6)):
+        registered = client.get_model_version("ladder", version)
+        assert float(registered.tags["test_accuracy"]) == accuracy
+        assert registered.description.startswith(f"Test accuracy {accuracy:.2%}")
 
 
 def digit_canvas() -> np.ndarray:

@@ -21,12 +21,12 @@ import pytest
 import torch
 from PIL import Image
 
-from mnist_search import bench, champion, explore, fetch, predict, report, train
+from mnist_search import bench, champion, explore, fetch, figures, predict, train
 from mnist_search import data as mdata
 from mnist_search.space import suggest_config
 from mnist_search.storage import open_storage
 from mnist_search.tracking import StudyTracker
-from tests.conftest import REPO, add_earlier_cnn_trial, write_synthetic_mnist
+from tests.helpers import REPO, add_earlier_cnn_trial, write_synthetic_mnist
 
 GPU = torch.cuda.is_available()
 no_gpu = pytest.mark.skipif(GPU, reason="a GPU is visible, so --device cuda is valid")
@@ -231,7 +231,7 @@ STORES = (
         (["--device", "tpu"], "unknown device 'tpu' for --device; use auto, cpu or cuda"),
         (["--device", "cuda"], "--device cuda asked for, but no CUDA GPU is visible; use cpu or auto", no_gpu),
         (["--cuda-graphs=no"], "argument --cuda-graphs/--no-cuda-graphs: ignored explicit argument 'no'"),
-        (["--register-as", ""], "--register-as must not be empty"),
+        (["--register-as", ""], "--register-as is empty; give it a name"),
         (["--ensemble", "0"], "--ensemble must be at least 1, not 0"),
         (["--ensemble", "two"], "argument --ensemble: invalid int value: 'two'"),
         (["--retrain-epochs", "0"], "--retrain-epochs must be at least 1, not 0"),
@@ -253,9 +253,9 @@ def test_champion_refuses(argv, message, cwd, given, capsys):
         (["--out", "{given}/afile/figures"], "--out {given}/afile/figures cannot be a folder: {given}/afile is a file"),
     ),
 )  # fmt: skip
-def test_report_refuses(argv, message, cwd, given, capsys):
-    prog = "python -m mnist_search.report"
-    refused(report.main, prog, argv, message, cwd, given, capsys, base=STUDY)
+def test_figures_refuses(argv, message, cwd, given, capsys):
+    prog = "python -m mnist_search.figures"
+    refused(figures.main, prog, argv, message, cwd, given, capsys, base=STUDY)
 
 
 @pytest.mark.parametrize(
@@ -299,6 +299,7 @@ def known(reason: str):
     return pytest.mark.xfail(strict=True, reason=reason)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "name",
     [
@@ -312,7 +313,7 @@ def known(reason: str):
             "champion", marks=known("champion.py imports torch, MLflow and pandas at the top")
         ),
         pytest.param(
-            "report", marks=known("report.py imports matplotlib at the top (for its figures)")
+            "figures", marks=known("figures.py imports matplotlib at the top (for its figures)")
         ),
     ],
 )
@@ -327,4 +328,5 @@ def test_help_imports_no_heavy_library(name):
     done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, env=env)
     assert done.returncode == 0, done.stderr
     assert done.stdout.startswith(f"usage: python -m mnist_search.{name} ")
+    assert "(default: " in done.stdout and "(default: None)" not in done.stdout
     assert done.stdout.splitlines()[-1] == "[]"

@@ -15,14 +15,26 @@ def test_stratified_split_is_disjoint_complete_and_balanced():
     assert torch.equal(val, val_again)
 
 
-def test_normalization_comes_from_the_training_split_only(synthetic_mnist):
+def test_normalization_comes_from_the_training_split_only(synthetic_mnist, monkeypatch):
     data = mdata.load_data(synthetic_mnist)
     assert len(data.train) == 500 and len(data.val) == 100
     assert data.train.x.shape == (500, 784)
     assert abs(data.train.x.mean().item()) < 1e-4  # normalized by its own statistics
     assert abs(data.train.x.std().item() - 1) < 1e-3
-    images, _ = fetch.load_images(synthetic_mnist, train=True)
-    assert data.mean != pytest.approx((images.float() / 255).mean().item(), abs=1e-7)
+    images, labels = fetch.load_images(synthetic_mnist, train=True)
+    _, val_idx = mdata.stratified_split(labels, mdata.VAL_SIZE, mdata.SPLIT_SEED)
+    train_idx = sorted(set(range(len(labels))) - set(val_idx.tolist()))  # the complement
+    train_pixels = images[train_idx].double() / 255
+    assert data.mean == pytest.approx(train_pixels.mean().item(), abs=1e-6)
+    assert data.std == pytest.approx(train_pixels.std().item(), abs=1e-6)
+    # whatever the validation images hold, the statistics stay those of the training images
+    images[val_idx] = 255
+    path = fetch.raw_dir(synthetic_mnist) / "train-images-idx3-ubyte"
+    fetch.write_idx(path, images)
+    monkeypatch.setitem(fetch.OFFICIAL_SHA256, path.name, fetch.sha256_file(path))
+    again = mdata.load_data(synthetic_mnist)
+    assert (again.mean, again.std) == (data.mean, data.std)
+    assert torch.equal(again.train.x, data.train.x) and not torch.equal(again.val.x, data.val.x)
 
 
 def test_batches_cover_the_split_once_per_epoch():

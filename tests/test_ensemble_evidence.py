@@ -48,7 +48,7 @@ retrain_spec.loader.exec_module(retrain_evidence)
 
 def test_retrain_evidence_scores_each_member_and_the_ensembles_of_the_best_k():
     from mnist_search.train import fit, predict_logits
-    from tests.test_families import CNN_CONFIG, MLP_CONFIG, band_data
+    from tests.helpers import CNN_CONFIG, MLP_CONFIG, band_data
 
     data = band_data()
     configs = [MLP_CONFIG, CNN_CONFIG]

@@ -2,33 +2,20 @@
 
 import dataclasses
 import sys
+from pathlib import Path
 
 import optuna
 import pytest
 import torch
 
+from mnist_search import train as train_module
 from mnist_search.augment import random_affine
-from mnist_search.champion import export_folder, onnx_max_error
-from mnist_search.data import Data, to_split
+from mnist_search.data import Data
 from mnist_search.model import CNN, MLP, PixelClassifier, training_flops_per_sample
-from mnist_search.space import StaleParams, config_from_params, suggest_config
+from mnist_search.ship import export_folder, onnx_max_error
+from mnist_search.space import DEFAULTS, StaleParams, config_from_params, suggest_config
 from mnist_search.train import TrainConfig, build_model, fit
-from tests.conftest import synthetic_images
-
-CNN_CONFIG = TrainConfig(
-    family="cnn", channels=(4, 8), kernel=3, hidden=(16,), lr=3e-3, batch_size=32, epochs=3
-)
-MLP_CONFIG = TrainConfig(hidden=(32,), lr=3e-3, batch_size=32, epochs=3)
-
-
-def band_data(n=600) -> Data:
-    """Fake digits whose class is the row of a bright band (tests/conftest.py), normalized."""
-    images, labels = synthetic_images(n, seed=0)
-    mean, std = images.float().mean().item() / 255, images.float().std().item() / 255
-    cpu = torch.device("cpu")
-    train = to_split(images[:500], labels[:500], mean, std, cpu)
-    return Data(train, to_split(images[500:], labels[500:], mean, std, cpu), mean, std)
-
+from tests.helpers import CNN_CONFIG, MLP_CONFIG, band_data, synthetic_images
 
 BF16_CNN = dataclasses.replace(CNN_CONFIG, precision="bf16")
 
@@ -42,12 +29,27 @@ def test_each_family_trains_and_beats_chance_by_far(config):
     assert result.history[-1]["val_accuracy"] > 0.9  # chance is 0.1
 
 
-def test_bf16_trains_through_autocast_and_keeps_float32_weights():
-    fp32, bf16 = (fit(c, band_data()).model for c in (CNN_CONFIG, BF16_CNN))
-    weights = [list(m.parameters()) for m in (fp32, bf16)]
-    assert all(p.dtype == torch.float32 for p in weights[1])  # exported and evaluated as fp32
-    # the same seed and batches: only the forward pass's precision can make them differ
-    assert not all(torch.equal(a, b) for a, b in zip(*weights, strict=True))
+def test_bf16_runs_the_training_forward_in_bfloat16_and_keeps_float32_weights(monkeypatch):
+    """The convs' and linears' outputs while training are bfloat16 (autocast); evaluation runs
+    in float32, and the weights stay float32."""
+    seen = []  # (training?, output dtype) of every conv and linear layer call
+    real_build = train_module.build_model
+
+    def build(config):
+        net = real_build(config)
+        for layer in net.modules():
+            if isinstance(layer, (torch.nn.Conv2d, torch.nn.Linear)):
+                layer.register_forward_hook(lambda m, i, out: seen.append((m.training, out.dtype)))
+        return net
+
+    monkeypatch.setattr(train_module, "build_model", build)
+    model = fit(dataclasses.replace(BF16_CNN, epochs=1), band_data()).model
+    assert {dtype for training, dtype in seen if training} == {torch.bfloat16}
+    assert {dtype for training, dtype in seen if not training} == {torch.float32}
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+    seen.clear()
+    fit(dataclasses.replace(CNN_CONFIG, epochs=1), band_data())  # fp32: no bfloat16 anywhere
+    assert {dtype for _, dtype in seen} == {torch.float32}
 
 
 def test_a_cnn_trains_with_augmentation_and_counts_its_flops():
@@ -144,36 +146,84 @@ def test_cnns_train_with_a_cosine_schedule_in_bf16_which_are_not_searched():
     assert {"schedule", "precision"}.isdisjoint(trial.params)
 
 
-def test_bench_times_the_cnn_with_and_without_augmentation_and_in_bf16():
+def test_bench_times_the_second_epoch_of_the_config_it_is_given(monkeypatch):
     from mnist_search import bench
 
-    train = band_data().train
-    data = Data(train, None, 0.0, 1.0)  # no validation split: bench times training alone
+    fitted, real_fit = [], bench.fit
+
+    def spy(config, data, *args, **kwargs):
+        result = real_fit(config, data, *args, **kwargs)
+        fitted.append((config, result.history))
+        return result
+
+    monkeypatch.setattr(bench, "fit", spy)
+    data = Data(band_data().train, None, 0.0, 1.0)  # no validation split: training alone
     cpu = torch.device("cpu")
     for change in ({}, {"augment": 1.0}, {"precision": "bf16"}):
-        assert bench.ours(data, 128, cpu, dataclasses.replace(bench.CNN_CONFIG, **change)) > 0
-    assert bench.ours(data, 128, cpu) > 0  # the MLP
+        rate = bench.ours(data, 128, cpu, dataclasses.replace(bench.CNN_CONFIG, **change))
+        config, history = fitted[-1]
+        assert config == dataclasses.replace(bench.CNN_CONFIG, epochs=2, **change)
+        assert rate == len(data.train) / history[1]["epoch_seconds"]  # the warm epoch
+    bench.ours(data, 512, cpu)  # the MLP, at the batch size asked for
+    assert fitted[-1][0].hidden == bench.HIDDEN and fitted[-1][0].batch_size == 512
 
 
 def test_flags_left_out_take_their_spaces_defaults_and_names_follow_the_space():
     from mnist_search.search import SearchConfig
 
-    default = SearchConfig()
-    assert (default.space, default.epochs, default.ensemble) == ("cnn", 5, 4)
-    assert default.retrain_epochs == 10
-    assert default.study_name == default.register_as == "mnist-cnn"
-    # the original search: its epochs, its single-trial champion, its names
-    mlp = SearchConfig(space="mlp")
-    assert (mlp.epochs, mlp.ensemble, mlp.study_name, mlp.register_as) == (
-        10,
-        1,
-        "mnist-mlp",
-        "mnist-mlp",
-    )
-    assert mlp.retrain_epochs is None  # each member for the epoch where its validation peaked
+    for space, defaults in DEFAULTS.items():
+        config = SearchConfig(space=space)
+        assert config.epochs == defaults.epochs
+        assert config.champion.ensemble == defaults.ensemble
+        assert config.champion.retrain_epochs == defaults.retrain_epochs
+        assert config.study_name == config.champion.register_as == f"mnist-{space}"
+    assert SearchConfig().space == "cnn"
     # what is given wins, and the registered model follows the study's name
-    given = SearchConfig(space="mlp", epochs=3, ensemble=2, study_name="mine")
-    assert (given.epochs, given.ensemble, given.register_as) == (3, 2, "mine")
-    # workers get the resolved values, so a worker never resolves them differently
-    argv = SearchConfig().to_argv()
-    assert argv[argv.index("--epochs") + 1] == "5" and "--study-name" in argv
+    given = SearchConfig(space="mlp", epochs=3, study_name="mine")
+    assert (given.epochs, given.champion.register_as) == (3, "mine")
+
+
+def test_a_workers_flags_parse_back_into_the_same_search():
+    """Workers start with `to_argv`'s flags: parsed by the study command, they make the same
+    config (without a champion: the first process crowns), resolved values included."""
+    from mnist_search import study
+    from mnist_search.search import SearchConfig
+
+    configs = [
+        SearchConfig(),
+        SearchConfig(space="mlp", trials=7, seed=3, timeout=60.0, workers=2, cuda_graphs=False,
+                     storage="sqlite:///x.db", tracking_uri="http://127.0.0.1:5000",
+                     data_dir=Path("elsewhere"), device="cpu", pruner="median", worker_id=1),
+    ]  # fmt: skip
+    for config in configs:
+        flags = vars(study.build_parser().parse_args(config.to_argv()))
+        assert flags.pop("no_champion") is True
+        for name in ("ensemble", "retrain_epochs", "seeds", "register_as"):
+            flags.pop(name)
+        assert SearchConfig(**flags, champion=None) == dataclasses.replace(config, champion=None)
+
+
+def test_the_bench_command_prints_every_row_and_its_ratios(synthetic_mnist, capsys):
+    from mnist_search import bench
+
+    argv = ["--data-dir", str(synthetic_mnist), "--samples", "512", "--device", "cpu"]
+    assert bench.main(argv) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].startswith("device: cpu (CPU), torch threads: ")
+    rates = {line[:66].strip(): float(line[66:].replace(",", "")) for line in out[2:9]}
+    assert list(rates) == [
+        "usual way: torchvision + DataLoader, batch 128",
+        "ours: device-resident tensors, batch 128",
+        "ours: device-resident tensors, batch 512",
+        next(k for k in rates if k.startswith("ceiling: ")),
+        "ours: CNN 16-32 5x5, head 128 (5.4 MFLOP), batch 128",
+        "the same, augmented (strength 1)",
+        "the same, in bf16 (autocast)",
+    ]
+    assert all(rate > 0 for rate in rates.values())
+    ratio = float(out[9].split()[-1].rstrip("x"))  # speed-up over the usual way
+    usual, ours = (
+        rates["usual way: torchvision + DataLoader, batch 128"],
+        rates[out[3][:66].strip()],
+    )
+    assert out[9].startswith("speed-up over the usual way") and abs(ratio - ours / usual) < 0.06

@@ -1,13 +1,8 @@
 """Nothing lost: kill -9, Ctrl-C, concurrent workers, a full disk, corrupted data, bad input.
 
 Faults about processes run real processes (a wrapper that points the verification at the
-synthetic data's digests, then calls the real `main`). Bad input tried, per CLI:
-  study:    --trials 0, --epochs -1, --device tpu, unreachable/invalid --storage, unreachable
-            --tracking-uri, --timeout 0, --workers 0 (test_study.py has most of these)
-  train:    --epochs 0, --batch-size 0, --dropout 1.5, --device tpu
-  predict:  an image path that does not exist, an unknown model URI (test_champion.py)
-  champion: a study that does not exist
-  bench:    --samples 10
+synthetic data's digests, then calls the real `main`). Bad input, flag by flag, is
+test_cli.py's and test_study.py's.
 """
 
 import dataclasses
@@ -22,61 +17,12 @@ import optuna
 import pytest
 from mlflow import MlflowClient
 
-from mnist_search import champion, fetch, train
+from mnist_search import fetch
 from mnist_search import study as mstudy
 from mnist_search.search import SearchConfig, search
 from mnist_search.storage import open_storage
 from mnist_search.tracking import load_weights
-from tests.conftest import assert_parent_series
-
-WRAPPER = """
-import signal
-import sys
-import time
-
-# These tests signal this process: start it as a terminal would, whatever the suite inherited
-# (a background job of a script inherits SIGINT ignored, and the study keeps it ignored).
-signal.signal(signal.SIGINT, signal.default_int_handler)
-signal.signal(signal.SIGTERM, signal.SIG_DFL)
-from mnist_search import data, fetch
-fetch.OFFICIAL_SHA256 = {digests!r}
-data.VAL_SIZE = 100
-{hooks}
-from mnist_search.study import main
-sys.exit(main(sys.argv[1:]))
-"""
-
-
-def wrapper(hooks: str = "") -> str:
-    """The study's command for the synthetic data, with `hooks` run before it starts."""
-    return WRAPPER.format(digests=fetch.OFFICIAL_SHA256, hooks=hooks)
-
-
-def every_worker_gets_a_trial(workers: int) -> str:
-    """A hook: each process's first trial trains only once `workers` processes have a trial,
-    so that every worker does trials however slowly the others start (bounded by 10 min)."""
-    return f"""
-import os
-from mnist_search import search as _search
-_make_objective = _search.make_objective
-def make_objective(*args, **kwargs):
-    objective = _make_objective(*args, **kwargs)
-    waited = []
-    def first_trial_waits_for_all(trial):
-        if not waited:
-            waited.append(trial.number)
-            trial.set_user_attr("pid", os.getpid())
-            deadline = time.monotonic() + 600
-            while time.monotonic() < deadline:
-                trials = trial.study.get_trials(deepcopy=False)
-                if len({{t.user_attrs.get("pid") for t in trials}} - {{None}}) >= {workers}:
-                    break
-                time.sleep(0.2)
-        return objective(trial)
-    return first_trial_waits_for_all
-_search.make_objective = make_objective
-"""
-
+from tests.helpers import assert_parent_series, every_worker_gets_a_trial, wrapper
 
 STARTED = []  # every process a test here started; none outlives its test
 
@@ -106,7 +52,7 @@ def run_in_process(tmp, data_dir, **settings) -> int:
     """The same search in this process (quicker to start), on the same stores as `start`."""
     storage = str(tmp / "s.journal")
     config = SearchConfig(
-        data_dir=data_dir, storage=storage, device="cpu", champion=False, space="mlp", **settings
+        data_dir=data_dir, storage=storage, device="cpu", champion=None, space="mlp", **settings
     )
     return search(config).exit_code
 
@@ -193,7 +139,7 @@ def test_sigint_ends_the_trial_as_interrupted_and_a_rerun_resumes(in_tmp, synthe
     proc.send_signal(signal.SIGINT)
     out, err = proc.communicate(timeout=300)
     assert proc.returncode == 130, err
-    assert "interrupted" in out and "val_accuracy" in out  # the leaderboard so far
+    assert "interrupted" in err and "val_accuracy" in out  # the leaderboard so far
     study = load(tmp_path)
     (interrupted,) = [t for t in study.trials if t.state.name == "FAIL"]
     assert interrupted.number == running.number
@@ -243,7 +189,7 @@ def test_sigint_during_the_champion_leaves_no_run_running_and_exits_130(tmp_path
     proc.send_signal(signal.SIGINT)
     out, err = proc.communicate(timeout=300)
     assert proc.returncode == 130, err
-    assert "interrupted" in out
+    assert "interrupted" in err
 
     client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
     exp = client.get_experiment_by_name("mnist-mlp")
@@ -284,7 +230,7 @@ def test_full_disk_while_logging_weights_fails_that_trial_only(
     in_tmp, synthetic_mnist, monkeypatch
 ):
     config = SearchConfig(
-        data_dir=synthetic_mnist, storage=str(in_tmp / "s.journal"), champion=False, epochs=2,
+        data_dir=synthetic_mnist, storage=str(in_tmp / "s.journal"), champion=None, epochs=2,
         device="cpu", pruner="none", trials=2, space="mlp",
     )  # fmt: skip
     assert search(config).exit_code == 0
@@ -318,50 +264,6 @@ def test_corrupted_data_is_refused_before_any_training(in_tmp, synthetic_mnist, 
     assert mstudy.main(argv + ["--no-champion", "--trials", "1"]) == 1
     assert "t10k-images-idx3-ubyte does not match" in capsys.readouterr().err
     assert not (in_tmp / "s.journal").exists()  # no study, no trial
-
-
-@pytest.mark.parametrize(
-    "argv, message",
-    [
-        (["--epochs", "0"], "--epochs must be at least 1"),
-        (["--batch-size", "0"], "--batch-size must be at least 1"),
-        (["--dropout", "1.5"], "0 <= --dropout < 1"),
-        (["--device", "tpu"], "unknown device 'tpu' for --device"),
-    ],
-)
-def test_train_cli_rejects_nonsense(argv, message, capsys):
-    with pytest.raises(SystemExit) as exit_:
-        train.main(argv)
-    assert exit_.value.code == 2 and message in capsys.readouterr().err
-
-
-def test_champion_and_report_need_the_studys_mlflow_run(in_tmp, capsys):
-    from mnist_search import report
-
-    journal = str(in_tmp / "s.journal")
-    study = optuna.create_study(study_name="bare", storage=open_storage(journal))
-    study.add_trial(optuna.trial.create_trial(params={}, distributions={}, value=0.5))
-    argv = [
-        "--study-name",
-        "bare",
-        "--storage",
-        journal,
-        "--tracking-uri",
-        f"sqlite:///{in_tmp}/m.db",
-    ]
-    for main in (champion.main, report.main):
-        with pytest.raises(SystemExit) as exit_:
-            main(argv)
-        assert exit_.value.code == 2
-        assert "no MLflow parent run for study 'bare'" in capsys.readouterr().err
-
-
-def test_bench_rejects_nonsense(capsys):
-    from mnist_search import bench
-
-    with pytest.raises(SystemExit) as exit_:
-        bench.main(["--samples", "10"])
-    assert exit_.value.code == 2 and "--samples" in capsys.readouterr().err
 
 
 def test_trial_weights_are_never_unpickled(in_tmp):

@@ -9,7 +9,7 @@ import torch
 from torchvision.datasets import MNIST
 
 from mnist_search import fetch
-from tests.conftest import synthetic_images
+from tests.helpers import synthetic_images
 
 
 def test_write_idx_reads_back_through_torchvision(tmp_path):

@@ -16,8 +16,13 @@ import optuna
 import pytest
 from mlflow import MlflowClient
 
-from tests.conftest import assert_parent_series, free_port, wait_for_http
-from tests.test_faults import every_worker_gets_a_trial, wrapper
+from tests.helpers import (
+    assert_parent_series,
+    every_worker_gets_a_trial,
+    free_port,
+    wait_for_http,
+    wrapper,
+)
 
 pytestmark = [pytest.mark.postgres, pytest.mark.slow]
 

@@ -7,18 +7,19 @@ import optuna
 import pytest
 from mlflow import MlflowClient
 
-from mnist_search import objective as mobjective
+from mnist_search import search as msearch
 from mnist_search import study as mstudy
 from mnist_search.data import load_data
 from mnist_search.model import training_flops_per_sample
 from mnist_search.objective import make_objective
-from mnist_search.search import PARENT_ATTR, BadInput, SearchConfig, open_study, run_trials, search
+from mnist_search.search import SearchConfig, run_trials, search
 from mnist_search.space import config_from_params
 from mnist_search.storage import open_storage
+from mnist_search.studies import PARENT_ATTR, BadInput, open_study
 from mnist_search.summary import progress_points
 from mnist_search.tracking import StudyTracker, load_weights
 from mnist_search.train import TrainConfig, build_model, evaluate
-from tests.conftest import add_earlier_cnn_trial, assert_parent_series
+from tests.helpers import add_earlier_cnn_trial, assert_parent_series
 
 
 def run(in_tmp, data_dir, **settings) -> int:
@@ -27,7 +28,7 @@ def run(in_tmp, data_dir, **settings) -> int:
     storage = str(in_tmp / "study.journal")
     settings.setdefault("space", "mlp")
     config = SearchConfig(
-        data_dir=data_dir, storage=storage, device="cpu", champion=False, epochs=2, **settings
+        data_dir=data_dir, storage=storage, device="cpu", champion=None, epochs=2, **settings
     )
     return search(config).exit_code
 
@@ -44,14 +45,14 @@ def trial_runs(client, study_name="mnist-mlp"):
 
 
 def test_every_trial_is_a_child_run_with_metrics_and_weights(in_tmp, synthetic_mnist, monkeypatch):
-    pruners = []  # the pruner each optimize call really uses
-    optimize = optuna.study.Study.optimize
+    pruners = []  # the pruner each trial is really asked with
+    ask = optuna.study.Study.ask
 
     def spy(self, *args, **kwargs):
         pruners.append(type(self.pruner).__name__)
-        return optimize(self, *args, **kwargs)
+        return ask(self, *args, **kwargs)
 
-    monkeypatch.setattr(optuna.study.Study, "optimize", spy)
+    monkeypatch.setattr(optuna.study.Study, "ask", spy)
     assert run(in_tmp, synthetic_mnist, trials=3) == 0
     assert pruners == ["HyperbandPruner"] * 3
     study, client = load(in_tmp), MlflowClient()
@@ -202,7 +203,8 @@ STUDY_ERROR = "python -m mnist_search.study: error: "
         (["--workers", "0"], "--workers must be at least 1"),
         (["--ensemble", "0"], "--ensemble must be at least 1"),
         (["--retrain-epochs", "0"], "--retrain-epochs must be at least 1"),
-        (["--seeds", "0", "--trials", "0"], "--trials and --seeds must be at least 1"),
+        (["--seeds", "0"], "--seeds must be at least 1, not 0"),
+        (["--trials", "0", "--epochs", "0"], "--trials and --epochs must be at least 1"),
         (["--timeout", "0"], "--timeout must be positive, not 0"),
         (["--space", "rnn"], "argument --space: invalid choice: 'rnn'"),
         (["--pruner", "asha"], "argument --pruner: invalid choice: 'asha'"),
@@ -238,24 +240,6 @@ def test_bad_flags_exit_2_with_a_message_and_create_nothing(in_tmp, flags, messa
     assert set(in_tmp.iterdir()) == before  # nothing created
 
 
-def test_help_is_instant():
-    """`--help` imports none of the heavy libraries: checked by what it imports, not by a
-    stopwatch, which a loaded machine would fail."""
-    import subprocess
-    import sys
-
-    probe = (
-        "import sys\n"
-        "from mnist_search import study\n"
-        "try:\n    study.main(['--help'])\nexcept SystemExit:\n    pass\n"
-        "print(sorted(m for m in ('torch', 'optuna', 'mlflow', 'pandas') if m in sys.modules))"
-    )
-    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True)
-    assert done.returncode == 0, done.stderr
-    assert "--trials" in done.stdout and "(default: 50)" in done.stdout
-    assert done.stdout.strip().splitlines()[-1] == "[]"
-
-
 def test_a_pruned_trial_whose_weights_cannot_be_saved_fails_with_the_reason(
     in_tmp, synthetic_mnist, monkeypatch
 ):
@@ -281,7 +265,7 @@ def test_a_pruned_trial_whose_weights_cannot_be_saved_fails_with_the_reason(
     ["journal", "sqlite", pytest.param("postgres", marks=[pytest.mark.postgres, pytest.mark.slow])],
 )
 def test_workers_released_together_on_the_last_place_train_one_trial(
-    kind, in_tmp, synthetic_mnist, monkeypatch, request, capfd
+    kind, in_tmp, synthetic_mnist, monkeypatch, request, capfd, caplog
 ):
     """The race of issue 12, forced: three workers all see one place left, all start a trial,
     and all their trials exist before any is counted. Exactly one trains; the others are given
@@ -300,20 +284,20 @@ def test_workers_released_together_on_the_last_place_train_one_trial(
 
     saw_a_free_place = threading.Barrier(workers, timeout=300)  # timeouts bound hangs only
     all_trials_exist = threading.Barrier(workers, timeout=300)
-    optimize, places_taken_before = optuna.study.Study.optimize, mobjective.places_taken_before
+    ask, places_taken_before = optuna.study.Study.ask, msearch.places_taken_before
     calls = []
 
-    def optimize_together(self, *args, **kwargs):
+    def ask_together(self, *args, **kwargs):
         calls.append(threading.get_ident())
         saw_a_free_place.wait()  # every worker passed the loop's check before any trial starts
-        return optimize(self, *args, **kwargs)
+        return ask(self, *args, **kwargs)
 
     def count_together(trial):
         all_trials_exist.wait()  # every worker's trial is RUNNING before any counts
         return places_taken_before(trial)
 
-    monkeypatch.setattr(optuna.study.Study, "optimize", optimize_together)
-    monkeypatch.setattr(mobjective, "places_taken_before", count_together)
+    monkeypatch.setattr(optuna.study.Study, "ask", ask_together)
+    monkeypatch.setattr(msearch, "places_taken_before", count_together)
     data = load_data(synthetic_mnist)
     codes = {}
 
@@ -346,6 +330,56 @@ def test_workers_released_together_on_the_last_place_train_one_trial(
         run = client.get_run(t.user_attrs["mlflow_run_id"])
         assert run.info.status == "KILLED" and run.data.tags["optuna_state"] == "OVER_BUDGET"
         assert run.data.tags["fail_reason"] == t.user_attrs["fail_reason"]
-    err = capfd.readouterr().err
-    assert err.count("given back before training") == workers - 1
-    assert "Traceback" not in err  # a trial given back is no error
+    notices = [r.getMessage() for r in caplog.records if r.name == "mnist_search"]
+    assert sorted(m for m in notices if "given back before training" in m) == sorted(
+        f"trial {t.number}: {t.user_attrs['fail_reason']}" for t in trials[budget:]
+    )  # one line each, in the log the study command prints
+    assert "Traceback" not in capfd.readouterr().err  # a trial given back is no error
+
+
+def test_timeout_stops_starting_trials_and_a_rerun_finishes(in_tmp, synthetic_mnist, caplog):
+    assert run(in_tmp, synthetic_mnist, trials=3, timeout=1e-9) == 0
+    assert load(in_tmp).trials == []  # the budget of time was spent before the first trial
+    assert "--timeout 1e-09s reached; rerun to finish" in caplog.messages
+    assert run(in_tmp, synthetic_mnist, trials=3) == 0
+    assert [t.state.name for t in load(in_tmp).trials].count("FAIL") == 0
+    assert len(load(in_tmp).trials) == 3
+
+
+def test_the_median_pruner_and_the_space_of_both_families_run(in_tmp, synthetic_mnist, monkeypatch):
+    pruners, ask = [], optuna.study.Study.ask
+
+    def spy(self, *args, **kwargs):
+        pruners.append(type(self.pruner).__name__)
+        return ask(self, *args, **kwargs)
+
+    monkeypatch.setattr(optuna.study.Study, "ask", spy)
+    assert run(in_tmp, synthetic_mnist, trials=4, pruner="median", space="all") == 0
+    assert pruners == ["MedianPruner"] * 4
+    study = load(in_tmp, "mnist-all")
+    runs = trial_runs(MlflowClient(), "mnist-all")
+    for trial, r in zip(study.trials, runs, strict=True):
+        config = config_from_params(trial.params, 2, 0, "all")  # the family is a param here
+        assert config.family == trial.params["family"] == r.data.params["family"]
+        assert trial.user_attrs["flops_per_sample"] == training_flops_per_sample(
+            build_model(config)
+        )
+
+
+def test_the_figures_command_draws_a_finished_study_onto_its_parent_run(
+    in_tmp, synthetic_mnist, capsys
+):
+    from mnist_search import figures
+
+    assert run(in_tmp, synthetic_mnist, trials=2, pruner="none") == 0  # two complete
+    capsys.readouterr()
+    argv = ["--study-name", "mnist-mlp", "--storage", str(in_tmp / "study.journal")]
+    assert figures.main([*argv, "--out", str(in_tmp / "drawn")]) == 0
+    printed = capsys.readouterr().out.split()
+    names = {"optimization_history.png", "intermediate_values.png", "parallel_coordinate.png",
+             "slice_lr_batch_size.png", "param_importances.png"}  # fmt: skip
+    assert {p.split("/")[-1] for p in printed} == names
+    assert all(p.startswith(str(in_tmp / "drawn")) for p in printed)
+    parent = load(in_tmp).user_attrs[PARENT_ATTR]
+    logged = {a.path for a in MlflowClient().list_artifacts(parent, "figures")}
+    assert logged == {f"figures/{name}" for name in names}

@@ -4,8 +4,10 @@ import re
 import pytest
 import torch
 
+from mnist_search import data as mdata
 from mnist_search import fetch, train
 from mnist_search.data import Data, Split, load_data, load_test
+from mnist_search.machine import resolve_device
 from mnist_search.model import ACTIVATIONS, MLP, PixelClassifier
 from mnist_search.train import (
     CHOICES,
@@ -15,9 +17,8 @@ from mnist_search.train import (
     evaluate,
     fit,
     lr_at,
-    resolve_device,
 )
-from tests.conftest import synthetic_images
+from tests.helpers import synthetic_images
 
 
 def tiny_data(n=400, seed=0) -> Data:
@@ -120,8 +121,8 @@ def test_best_epoch_of_hand_built_histories():
 
 @pytest.mark.parametrize("schedule", ["cosine", "constant"])
 def test_fit_steps_at_the_scheduled_learning_rate(schedule, monkeypatch):
-    """The lr the optimizer holds at each of its steps, against the cosine written out here: from
-    the peak down towards 0 over all steps of all epochs; or the peak throughout."""
+    """The lr the optimizer holds at each of its steps, against torch's own CosineAnnealingLR
+    over all steps of all epochs (from the peak down towards 0); or the peak throughout."""
     used = []
     make = train._optimizer
 
@@ -139,8 +140,14 @@ def test_fit_steps_at_the_scheduled_learning_rate(schedule, monkeypatch):
     if schedule == "constant":
         assert used == [0.01] * total
         return
-    cosine = [0.01 * (1 + math.cos(math.pi * step / total)) / 2 for step in range(total)]
-    assert used == pytest.approx(cosine, rel=1e-9)
+    optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.01)
+    reference = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total)
+    cosine = []
+    for _ in range(total):
+        cosine.append(reference.get_last_lr()[0])
+        optimizer.step()
+        reference.step()
+    assert used == pytest.approx(cosine, rel=1e-9, abs=1e-12)
     assert used[0] == 0.01 and used[-1] < 0.01 * 0.002  # the last step is at ~0
     assert all(a > b for a, b in zip(used, used[1:], strict=False))
 
@@ -149,12 +156,20 @@ def test_train_command_reports_the_test_accuracy_of_the_model_its_flags_describe
     in_tmp, synthetic_mnist, monkeypatch, capsys
 ):
     """With every test label shifted by one, a model that learned scores ~1 on validation and ~0
-    on test: the command's test accuracy must come from the test files."""
+    on test: the command's test accuracy must come from the test files, read only with --test."""
     labels = fetch.raw_dir(synthetic_mnist) / "t10k-labels-idx1-ubyte"
     fetch.write_idx(labels, (synthetic_images(200, seed=1)[1] + 1) % 10)
     monkeypatch.setitem(fetch.OFFICIAL_SHA256, labels.name, fetch.sha256_file(labels))
     flags = ["--hidden", "32", "--epochs", "3", "--batch-size", "50", "--lr", "3e-3"]
-    assert train.main([*flags, "--data-dir", str(synthetic_mnist), "--device", "cpu"]) == 0
+    flags += ["--data-dir", str(synthetic_mnist), "--device", "cpu"]
+    reads = []
+    real_load_test = mdata.load_test
+    monkeypatch.setattr(
+        mdata, "load_test", lambda *a, **k: reads.append(1) or real_load_test(*a, **k)
+    )
+    assert train.main(flags) == 0
+    assert reads == [] and "test accuracy" not in capsys.readouterr().out  # not asked for
+    assert train.main([*flags, "--test"]) == 0 and reads == [1]
     lines = capsys.readouterr().out.strip().splitlines()
     epochs = [line.split() for line in lines[:-1]]
     assert [(e[0], int(e[1])) for e in epochs] == [("epoch", 1), ("epoch", 2), ("epoch", 3)]

@@ -1,7 +1,7 @@
 """Figures: the study (Optuna's matplotlib plots) and the champion (confusion, per class, mistakes).
 
 Each function writes PNGs into a folder and returns their paths; callers log them to MLflow.
-`python -m mnist_search.report --study-name NAME` redraws a study's figures on demand.
+`python -m mnist_search.figures --study-name NAME` redraws a study's figures on demand.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from pathlib import Path
 import matplotlib.pyplot as plt
 import numpy as np
 
+from mnist_search import cli
 from mnist_search.storage import DEFAULT_STORAGE
 
 
@@ -101,22 +102,23 @@ def confident_mistakes(images, labels, probs, path: Path, count: int = 24) -> Pa
 
 
 def main(argv: list[str] | None = None) -> int:
-    from mnist_search.cli import DEFAULT_SPACE, check_folder, default_name, open_existing_study
+    from mnist_search.space import DEFAULT_SPACE, default_name
+    from mnist_search.studies import BadInput, open_existing
 
     p = argparse.ArgumentParser(
-        prog="python -m mnist_search.report",
+        prog="python -m mnist_search.figures",
         description="Draw a study's figures and log them to its MLflow parent run.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=cli.HelpFormatter,
     )
-    p.add_argument("--study-name", default=default_name(DEFAULT_SPACE))
-    p.add_argument("--storage", default=DEFAULT_STORAGE)
-    p.add_argument("--tracking-uri", default=None)
+    cli.add_study_flags(p, default_name(DEFAULT_SPACE), DEFAULT_STORAGE)
     p.add_argument("--out", type=Path, default=None, help="default: reports/STUDY/figures")
     args = p.parse_args(argv)
     if args.out is not None:
-        check_folder(p, "--out", args.out)
-
-    study, tracker = open_existing_study(p, args.study_name, args.storage, args.tracking_uri)
+        cli.check_folder(p, "--out", args.out)
+    try:
+        study, tracker = open_existing(args.study_name, args.storage, args.tracking_uri)
+    except BadInput as e:
+        p.error(str(e))
     out = args.out or Path("reports") / args.study_name / "figures"
     for path in study_figures(study, out):
         tracker.log_parent_file(path, "figures")

@@ -5,12 +5,13 @@ import sys
 
 import numpy as np
 import optuna
+import pytest
 import torch
 from mlflow import MlflowClient
 from PIL import Image
 
-from mnist_search import explore, report
-from tests.conftest import synthetic_images
+from mnist_search import explore, figures
+from tests.helpers import synthetic_images
 
 
 def assert_png(path, min_size=(200, 150)):
@@ -44,7 +45,7 @@ def tiny_study() -> optuna.Study:
 
 
 def test_study_figures(tmp_path):
-    paths = report.study_figures(tiny_study(), tmp_path)
+    paths = figures.study_figures(tiny_study(), tmp_path)
     assert {p.name for p in paths} == {
         "optimization_history.png",
         "intermediate_values.png",
@@ -56,6 +57,7 @@ def test_study_figures(tmp_path):
         assert_png(path)
 
 
+@pytest.mark.slow
 def test_drawing_figures_leaves_the_callers_backend_alone(tmp_path):
     """A notebook's inline backend stays inline after the package draws (in a fresh process:
     a backend set at import time would hide behind an import made by an earlier test)."""
@@ -64,10 +66,10 @@ import matplotlib
 matplotlib.use("module://matplotlib_inline.backend_inline")
 import optuna
 from pathlib import Path
-from mnist_search import report, search
+from mnist_search import figures, search
 study = optuna.create_study(direction="maximize")
 study.optimize(lambda t: t.suggest_float("lr", 0, 1) + t.suggest_int("batch_size", 1, 2), 4)
-print(len(report.study_figures(study, Path({str(tmp_path)!r}))), matplotlib.get_backend())
+print(len(figures.study_figures(study, Path({str(tmp_path)!r}))), matplotlib.get_backend())
 """
     done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
@@ -81,10 +83,10 @@ def test_model_figures(tmp_path):
     images = rng.integers(0, 255, (40, 784))
     confusion = np.zeros((10, 10), int)
     np.add.at(confusion, (labels, probs.argmax(1)), 1)
-    assert_png(report.confusion_heatmap(confusion, tmp_path / "c.png"))
+    assert_png(figures.confusion_heatmap(confusion, tmp_path / "c.png"))
     per_class = (confusion.diagonal() / confusion.sum(1)).tolist()
-    assert_png(report.per_class_accuracy(per_class, tmp_path / "p.png"))
-    assert_png(report.confident_mistakes(images, labels, probs, tmp_path / "m.png"))
+    assert_png(figures.per_class_accuracy(per_class, tmp_path / "p.png"))
+    assert_png(figures.confident_mistakes(images, labels, probs, tmp_path / "m.png"))
 
 
 def test_explore_figures(tmp_path):
