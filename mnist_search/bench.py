@@ -155,6 +155,8 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
+    from mnist_search.machine import native_bf16
+
     rows = bench(data_dir, device, args.samples)
     name = torch.cuda.get_device_name() if device.type == "cuda" else "CPU"
     print(f"device: {device} ({name}), torch threads: {torch.get_num_threads()}")
@@ -174,6 +176,9 @@ def main(argv: list[str] | None = None) -> int:
     cost = epoch / rate["cnn128aug"] - epoch / rate["cnn128"]
     print(f"augmentation's cost per search epoch ({epoch:,} images) of that CNN: {cost:.2f} s")
     print(f"bf16 autocast over fp32 for that CNN: {rate['cnn128bf16'] / rate['cnn128']:.2f}x")
+    native = native_bf16(device)
+    print(f"native bf16 on {device}: {'yes' if native else 'no'}, so the CNN space trains in "
+          f"{'bf16' if native else 'fp32'} (precision auto)")  # fmt: skip
     return 0
 
 

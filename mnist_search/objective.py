@@ -18,7 +18,7 @@ from mnist_search import interrupts
 from mnist_search.model import training_flops_per_sample
 from mnist_search.space import suggest_config
 from mnist_search.tracking import lifecycle
-from mnist_search.train import build_model, fit
+from mnist_search.train import build_model, fit, forward_precision
 
 OVER_BUDGET = "over_budget"  # trial user attribute: given back before training
 
@@ -87,7 +87,8 @@ def make_objective(data, device, epochs: int, seed: int, tracker, cuda_graphs=Tr
         config = suggest_config(trial, epochs, seed, space)
         flops = training_flops_per_sample(build_model(config))  # the trial's cost, comparable
         trial.set_user_attr("flops_per_sample", flops)  # across families (as bench counts it)
-        params = {**trial.params, "family": config.family, "flops_per_sample": flops}
+        params = {**trial.params, "family": config.family, "flops_per_sample": flops,
+                  "precision": forward_precision(config, device)}  # fmt: skip
         run = tracker.start_trial(trial.number, params)
         trial.set_user_attr("mlflow_run_id", run.run_id)
         failed = lambda reason: trial.set_user_attr("fail_reason", reason)  # noqa: E731

@@ -25,7 +25,7 @@ CHOICES = {
     "activation": ("relu", "gelu", "silu"),  # model.ACTIVATIONS, named here for a light --help
     "optimizer": ("adam", "adamw", "sgd"),
     "schedule": ("constant", "cosine"),
-    "precision": ("fp32", "bf16"),
+    "precision": ("fp32", "bf16", "auto"),
 }
 
 
@@ -43,7 +43,12 @@ class TrainConfig:
     schedule: str = "constant"  # constant | cosine (to zero over all epochs)
     label_smoothing: float = 0.0
     augment: float = 0.0  # strength of random affine distortions of training batches; 0 = off
-    precision: str = "fp32"  # of the training step's forward pass: fp32 | bf16 (autocast)
+    shear: float = 0.0  # strength of random shear of training batches; 0 = off
+    elastic: float = 0.0  # strength of random elastic distortion of training batches; 0 = off
+    ema: float = 0.0  # decay of an exponential moving average of the weights, which is then
+    # what is evaluated and returned; 0 = off (the last weights)
+    precision: str = "fp32"  # of the training step's forward pass: fp32 | bf16 (autocast) |
+    # auto (bf16 where the device computes it natively, else fp32: `machine.native_bf16`)
     batch_size: int = 128
     epochs: int = 10
     seed: int = 0  # weights, dropout and batch order
@@ -58,8 +63,11 @@ class TrainConfig:
             raise ValueError("a cnn needs conv channels, and an mlp has none")
         if self.family == "cnn" and (self.kernel < 1 or self.kernel % 2 == 0):
             raise ValueError(f"the conv kernel must be odd and positive, not {self.kernel}")
-        if not 0 <= self.augment <= 1:
-            raise ValueError(f"augment is a strength from 0 to 1, not {self.augment}")
+        for name in ("augment", "shear", "elastic"):
+            if not 0 <= getattr(self, name) <= 1:
+                raise ValueError(f"{name} is a strength from 0 to 1, not {getattr(self, name)}")
+        if not 0 <= self.ema < 1:
+            raise ValueError(f"ema is a decay in [0, 1), not {self.ema}")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -97,6 +105,17 @@ class FitResult:
 
 
 EpochHook = Callable[[int, dict, "nn.Module"], bool | None]  # True: stop training
+
+
+def forward_precision(config: TrainConfig, device: str | torch.device) -> str:
+    """The precision `fit` runs the training forward pass in on `device`: fp32 or bf16."""
+    import torch
+
+    from mnist_search.machine import native_bf16
+
+    if config.precision == "auto":
+        return "bf16" if native_bf16(torch.device(device)) else "fp32"
+    return config.precision
 
 
 def build_model(config: TrainConfig) -> nn.Module:
@@ -178,6 +197,33 @@ class CudaGraphStep:
             self.graph.replay()
 
 
+class WeightAverage:
+    """An exponential moving average of a model's weights and batch-norm statistics: after
+    optimizer step t, average <- average + (1 - d) * (weights - average), with d = min(decay,
+    (1 + t) / (10 + t)), so that the early average is not mostly the initial weights."""
+
+    def __init__(self, model: nn.Module, decay: float):
+        import copy
+
+        self.model = copy.deepcopy(model).requires_grad_(False)
+        self.decay, self.steps = decay, 0
+        pairs = list(
+            zip(self.model.state_dict().values(), model.state_dict().values(), strict=True)
+        )
+        self._floats = [pair for pair in pairs if pair[0].is_floating_point()]
+        self._counters = [pair for pair in pairs if not pair[0].is_floating_point()]
+
+    def update(self) -> None:
+        import torch
+
+        self.steps += 1
+        decay = min(self.decay, (1 + self.steps) / (10 + self.steps))
+        averages, current = zip(*self._floats, strict=True)
+        torch._foreach_lerp_(list(averages), list(current), 1 - decay)  # as torch.optim.swa_utils
+        for average, value in self._counters:  # batch norm's num_batches_tracked
+            average.copy_(value)
+
+
 def predict_logits(model: nn.Module, x: torch.Tensor, batch_size: int = 8192) -> torch.Tensor:
     import torch
 
@@ -225,11 +271,11 @@ def fit(
     # the epoch's summed loss stays on the device, so no step waits for the GPU to hand it back
     total = torch.zeros((), device=device)
     background = -data.mean / data.std  # a blank pixel, normalized
-    bf16 = config.precision == "bf16"
+    bf16 = forward_precision(config, device) == "bf16"
 
     def step(idx: torch.Tensor) -> None:
         x, y = data.train.x.index_select(0, idx), data.train.y.index_select(0, idx)
-        x = random_affine(x, config.augment, background)
+        x = random_affine(x, config.augment, background, config.shear, config.elastic)
         optimizer.zero_grad(set_to_none=False)
         # bf16: autocast with its cast cache off, as PyTorch asks of autocast in CUDA graphs
         with torch.autocast(device.type, torch.bfloat16, enabled=bf16, cache_enabled=False):
@@ -239,9 +285,11 @@ def fit(
         total.add_(loss.detach() * len(idx))
 
     run_step = CudaGraphStep(step, config.batch_size) if graphed else step
+    average = WeightAverage(model, config.ema) if config.ema else None
+    shipped = model if average is None else average.model  # what is evaluated and returned
     total_steps = config.epochs * math.ceil(len(data.train) / config.batch_size)
     steps = 0
-    result = FitResult(model)
+    result = FitResult(shipped)
     for epoch in range(1, config.epochs + 1):
         start = time.perf_counter()
         model.train()
@@ -250,16 +298,18 @@ def fit(
             if config.schedule != "constant":
                 _set_lr(optimizer, lr_at(config, steps, total_steps))
             run_step(idx)
+            if average is not None:
+                average.update()  # outside the recorded step: its decay changes every step
             steps += 1
         metrics = {"epoch": epoch, "train_loss": total.item() / len(data.train)}
         if not math.isfinite(metrics["train_loss"]):
             raise NonFiniteLossError(epoch, metrics["train_loss"])
         if data.val is not None:
-            val = evaluate(model, data.val)
+            val = evaluate(shipped, data.val)
             metrics |= {"val_loss": val["loss"], "val_accuracy": val["accuracy"]}
         metrics["epoch_seconds"] = time.perf_counter() - start
         result.history.append(metrics)
-        if on_epoch_end is not None and on_epoch_end(epoch, metrics, model):
+        if on_epoch_end is not None and on_epoch_end(epoch, metrics, shipped):
             result.stopped = True
             break
     return result

@@ -60,18 +60,80 @@ def test_a_cnn_trains_with_augmentation_and_counts_its_flops():
     assert training_flops_per_sample(build_model(CNN_CONFIG)) == 6 * macs
 
 
-def test_augmentation_off_is_the_identity_and_on_keeps_shapes_and_is_seeded():
+@pytest.mark.parametrize(
+    "strengths",
+    [(1.0, 0.0, 0.0), (0.0, 1.0, 0.0), (0.0, 0.0, 1.0), (0.5, 0.5, 0.5)],
+    ids=["affine", "shear", "elastic", "all"],
+)
+def test_augmentation_off_is_the_identity_and_on_keeps_shapes_and_is_seeded(strengths):
+    """Each distortion (affine, shear, elastic) sees images only, so labels are untouched."""
     x = band_data().train.x[:64]
-    assert random_affine(x, 0.0, -1.0) is x
+    assert random_affine(x, 0.0, -1.0, 0.0, 0.0) is x
     torch.manual_seed(3)
-    a = random_affine(x, 1.0, -1.0)
+    a = random_affine(x, *strengths[:1], -1.0, *strengths[1:])
     torch.manual_seed(3)
-    b = random_affine(x, 1.0, -1.0)
+    b = random_affine(x, *strengths[:1], -1.0, *strengths[1:])
     assert a.shape == x.shape and a.dtype == x.dtype and torch.equal(a, b)
     assert not torch.equal(a, x)
     # an all-background image stays background wherever it is moved to
     blank = torch.full((2, 784), -1.0)
-    assert torch.allclose(random_affine(blank, 1.0, -1.0), blank, atol=1e-6)
+    assert torch.allclose(
+        random_affine(blank, *strengths[:1], -1.0, *strengths[1:]), blank, atol=1e-6
+    )
+
+
+def test_shear_and_elastic_off_draw_what_the_affine_distortion_drew_before():
+    """A config without them trains on exactly the batches it did before they existed."""
+    x = band_data().train.x[:16]
+    torch.manual_seed(0)
+    before = random_affine(x, 0.4, -1.0)
+    torch.manual_seed(0)
+    assert torch.equal(random_affine(x, 0.4, -1.0, 0.0, 0.0), before)
+
+
+def test_the_weight_average_is_the_hand_computed_one_after_two_steps():
+    """Two SGD steps on one weight w (lr 1, gradient 1 each): w goes 1 -> 0 -> -1. With decay
+    0.5 the warm-up decays are min(0.5, 2/11) and min(0.5, 3/12): the average is
+    1 -> (2/11)1 + (9/11)0 -> (3/12)(2/11) + (9/12)(-1)."""
+    net = torch.nn.Linear(1, 1, bias=False)
+    with torch.no_grad():
+        net.weight.fill_(1.0)
+    average = train_module.WeightAverage(net, decay=0.5)
+    expected = 1.0
+    for step, w in ((1, 0.0), (2, -1.0)):
+        with torch.no_grad():
+            net.weight.fill_(w)
+        average.update()
+        d = min(0.5, (1 + step) / (10 + step))
+        expected = d * expected + (1 - d) * w
+        assert average.model.weight.item() == pytest.approx(expected, abs=1e-7)
+    assert expected == pytest.approx(3 / 12 * 2 / 11 - 9 / 12, abs=1e-12)
+    assert net.weight.item() == -1.0  # the model itself is not touched
+
+
+def test_fit_with_ema_evaluates_and_returns_the_average():
+    config = dataclasses.replace(CNN_CONFIG, ema=0.9)
+    seen = []
+    result = fit(config, band_data(), on_epoch_end=lambda e, m, model: seen.append(model))
+    plain = fit(CNN_CONFIG, band_data()).model  # the same steps, the last weights
+    assert all(model is result.model for model in seen)  # the hook saw what is returned
+    assert not any(p.requires_grad for p in result.model.parameters())
+    assert not all(
+        torch.equal(a, b)
+        for a, b in zip(result.model.parameters(), plain.parameters(), strict=True)
+    )
+    assert result.history[-1]["val_accuracy"] > 0.9
+
+
+def test_auto_precision_is_bf16_only_where_the_device_computes_it_natively(monkeypatch):
+    from mnist_search import machine
+
+    auto = dataclasses.replace(CNN_CONFIG, precision="auto")
+    for native, expected in ((True, "bf16"), (False, "fp32")):
+        monkeypatch.setattr(machine, "native_bf16", lambda device, native=native: native)
+        assert train_module.forward_precision(auto, "cpu") == expected
+    assert train_module.forward_precision(BF16_CNN, "cpu") == "bf16"  # asked for: as asked
+    assert train_module.forward_precision(CNN_CONFIG, "cpu") == "fp32"
 
 
 def test_the_ensemble_outputs_the_mean_of_its_members():
@@ -139,10 +201,10 @@ def test_params_that_do_not_fit_the_space_are_refused_not_ignored():
         config_from_params(missing, 5, 0, "cnn")
 
 
-def test_cnns_train_with_a_cosine_schedule_in_bf16_which_are_not_searched():
+def test_cnns_train_with_a_cosine_schedule_and_auto_precision_which_are_not_searched():
     trial = optuna.create_study().ask()
     config = suggest_config(trial, epochs=5, seed=0, space="cnn")
-    assert (config.family, config.schedule, config.precision) == ("cnn", "cosine", "bf16")
+    assert (config.family, config.schedule, config.precision) == ("cnn", "cosine", "auto")
     assert {"schedule", "precision"}.isdisjoint(trial.params)
 
 

@@ -68,9 +68,9 @@ def test_every_trial_is_a_child_run_with_metrics_and_weights(in_tmp, synthetic_m
         assert r.data.tags["mlflow.parentRunId"] == parents[0].info.run_id
         assert trial.user_attrs["mlflow_run_id"] == r.info.run_id
         assert r.data.tags["optuna_state"] == trial.state.name
-        # the sampled params, plus the family and the trial's cost, for the UI's columns
+        # the sampled params, plus the family, the trial's cost and the precision it ran in
         flops = trial.user_attrs["flops_per_sample"]
-        expected = trial.params | {"family": "mlp", "flops_per_sample": flops}
+        expected = trial.params | {"family": "mlp", "flops_per_sample": flops, "precision": "fp32"}
         assert {k: str(v) for k, v in expected.items()} == r.data.params
         config = config_from_params(trial.params, 1, 0)
         assert flops == training_flops_per_sample(build_model(config))
