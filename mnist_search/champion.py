@@ -24,8 +24,8 @@ from pathlib import Path
 import torch
 
 from mnist_search import cli, interrupts
-from mnist_search.data import Data, load_data
-from mnist_search.fetch import data_digest, load_images
+from mnist_search.data import SPLIT_SEED, VAL_SIZE, Data, load_data, stratified_split
+from mnist_search.fetch import data_digest, image_count, load_images, raw_dir
 from mnist_search.model import PixelClassifier, training_flops_per_sample
 from mnist_search.ship import ModelCard, Shipped, ship
 from mnist_search.space import (
@@ -39,7 +39,7 @@ from mnist_search.space import (
 )
 from mnist_search.storage import DEFAULT_STORAGE
 from mnist_search.studies import BadInput
-from mnist_search.tracking import Run, lifecycle
+from mnist_search.tracking import Run, lifecycle, mnist_datasets
 from mnist_search.train import TrainConfig, fit
 
 
@@ -251,6 +251,21 @@ def log_scores(run: Run, scores: Scores, reports: Path) -> None:
         run.log_artifacts(tmp, "test")
 
 
+def champion_datasets(data_dir: Path, digest: str, labels: torch.Tensor) -> dict:
+    """The champion run's inputs, by context: all 60,000 training images (what it trains on), the
+    validation split that chose its members (`labels`: the training labels), the test images."""
+    held_out = len(stratified_split(labels, VAL_SIZE, SPLIT_SEED)[1])
+    counts = {"train": len(labels), "validation-split": held_out}
+    parts = mnist_datasets(
+        raw_dir(data_dir), digest, counts | {"test": image_count(data_dir, False)}
+    )
+    return {
+        "training": parts["train"],
+        "validation": parts["validation-split"],
+        "test": parts["test"],
+    }
+
+
 def crown(
     study, tracker, data_dir: Path, device, config: ChampionConfig = ChampionConfig(),
     cuda_graphs: bool = True, export_root: Path = Path("exports"),
@@ -281,6 +296,9 @@ def crown(
 
         start = time.perf_counter()
         data = load_data(data_dir, device, val_size=0)
+        digest = data_digest(data_dir)
+        inputs = champion_datasets(data_dir, digest, data.train.y.cpu())
+        run.log_datasets(inputs)
         models = retrain(configs, data, device, config.seeds, cuda_graphs, on_epoch_end)
         seconds = time.perf_counter() - start
         interrupts.check()
@@ -295,15 +313,17 @@ def crown(
             "parameters": sum(p.numel() for p in model.parameters()),
             "flops_per_sample": sum(training_flops_per_sample(net) for net in model.nets),
         }
-        run.log_metrics(metrics)
+        stamp = run.log_metrics(metrics)
         tracker.log_parent_metrics({"test_accuracy": metrics["test_accuracy"]})  # study's row
         log_scores(run, scores, Path("reports") / config.register_as / "champion")
         interrupts.check()
 
-        card = ModelCard(
-            config.register_as, study.study_name, numbers, configs, metrics, data_digest(data_dir)
-        )
-        shipped = ship(run, model, card, scores.images, export_root / config.register_as)
+        card = ModelCard(config.register_as, study.study_name, numbers, configs, metrics, digest)
+        test_figures = {k: metrics[k] for k in ("test_accuracy", "test_errors")}
+        shipped = ship(
+            run, model, card, scores.images, export_root / config.register_as,
+            (test_figures, stamp, inputs["test"]),
+        )  # fmt: skip
     return Champion(numbers, metrics, shipped, run.run_id)
 
 

@@ -210,6 +210,13 @@ def load_images(data_dir: Path, train: bool) -> tuple[torch.Tensor, torch.Tensor
     return ds.data, ds.targets
 
 
+def image_count(data_dir: Path, train: bool) -> int:
+    """How many images a verified images file holds, from its IDX header alone."""
+    name = "train-images-idx3-ubyte" if train else "t10k-images-idx3-ubyte"
+    with open(raw_dir(data_dir) / name, "rb") as f:
+        return struct.unpack(">I", f.read(8)[4:])[0]
+
+
 def data_digest(data_dir: Path) -> str:
     """One short digest of all four files: what a run was trained and tested on."""
     combined = hashlib.sha256()

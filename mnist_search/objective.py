@@ -15,7 +15,7 @@ import optuna
 from optuna.trial import TrialState
 
 from mnist_search import interrupts
-from mnist_search.model import training_flops_per_sample
+from mnist_search.model import PixelClassifier, training_flops_per_sample
 from mnist_search.space import suggest_config
 from mnist_search.tracking import lifecycle
 from mnist_search.train import build_model, fit, forward_precision
@@ -51,16 +51,24 @@ def give_back(trial: optuna.Trial, tracker, budget: int, taken: int) -> str:
     return reason
 
 
-def make_objective(data, device, epochs: int, seed: int, tracker, cuda_graphs=True, space="mlp"):
+def make_objective(
+    data, device, epochs: int, seed: int, tracker, cuda_graphs=True, space="mlp", datasets=None
+):
     """The objective: config from the `space`, plain `fit`, with pruning and logging in the
     hook. Returns the best validation accuracy over the trial's epochs; raises TrialPruned
-    when the pruner stops it; any other error ends its run FAILED with the `fail_reason`."""
+    when the pruner stops it; any other error ends its run FAILED with the `fail_reason`.
+    `datasets` ({"training": ..., "validation": ...}, MLflow datasets) become each trial run's
+    inputs, and a completed trial's best epoch becomes a logged model linked to validation."""
 
     def train(trial: optuna.Trial, config, run) -> float:
         start = time.perf_counter()
+        best = {"val_accuracy": -1.0}  # the best epoch so far: its metrics, time and weights
 
         def on_epoch_end(epoch, metrics, model) -> bool:
-            run.log_metrics(metrics, step=epoch)
+            stamp = run.log_metrics(metrics, step=epoch)
+            if metrics["val_accuracy"] > best["val_accuracy"]:
+                weights = {k: v.detach().clone() for k, v in model.state_dict().items()}
+                best.update(metrics, epoch=epoch, stamp=stamp, weights=weights)
             trial.report(metrics["val_accuracy"], epoch)
             interrupts.check()  # a Ctrl-C or SIGTERM received since the last check stops here
             return trial.should_prune()
@@ -79,6 +87,10 @@ def make_objective(data, device, epochs: int, seed: int, tracker, cuda_graphs=Tr
         if result.stopped:
             raise optuna.TrialPruned(f"pruned after epoch {trained}")
         trial.set_user_attr("best_epoch", result.best_epoch)
+        if datasets:
+            logging_start = time.perf_counter()
+            trial.set_user_attr("mlflow_model_id", log_checkpoint(trial, config, run, best))
+            trial.set_user_attr("checkpoint_seconds", time.perf_counter() - logging_start)
         seconds = time.perf_counter() - start
         trial.set_user_attr("tracking_fraction", run.tracking_seconds / seconds)
         return value
@@ -91,9 +103,24 @@ def make_objective(data, device, epochs: int, seed: int, tracker, cuda_graphs=Tr
                   "precision": forward_precision(config, device)}  # fmt: skip
         run = tracker.start_trial(trial.number, params)
         trial.set_user_attr("mlflow_run_id", run.run_id)
+        if datasets:
+            run.log_datasets(datasets)
         failed = lambda reason: trial.set_user_attr("fail_reason", reason)  # noqa: E731
         with lifecycle(run, {optuna.TrialPruned: "PRUNED"}, on_failure=failed):
             return train(trial, config, run)
+
+    def log_checkpoint(trial: optuna.Trial, config, run, best: dict) -> str:
+        """The best epoch's network as a raw-pixel model (`trial-N`), its validation metrics
+        linked to it and to the validation dataset. Returns its model id."""
+        net = build_model(config)
+        net.load_state_dict(best["weights"])
+        model = PixelClassifier(net.cpu(), data.mean, data.std).eval()
+        example = (data.val.x[:8].cpu() * data.std + data.mean) * 255  # raw pixels, (8, 784)
+        linked = {k: best[k] for k in ("val_accuracy", "val_loss")}
+        return run.log_model(
+            model, f"trial-{trial.number}", best["epoch"], example,
+            (linked, best["stamp"], datasets["validation"]), trial.params,
+        )  # fmt: skip
 
     return objective
 

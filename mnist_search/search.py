@@ -27,7 +27,7 @@ from optuna.trial import FrozenTrial, TrialState
 from mnist_search import interrupts, workers
 from mnist_search.champion import Champion, ChampionConfig, crown
 from mnist_search.data import VAL_SIZE, load_data
-from mnist_search.fetch import data_digest, default_data_dir, ensure_mnist
+from mnist_search.fetch import data_digest, default_data_dir, ensure_mnist, raw_dir
 from mnist_search.figures import study_figures
 from mnist_search.machine import resolve_device
 from mnist_search.objective import (
@@ -47,6 +47,7 @@ from mnist_search.summary import (
     running_count,
     study_summary,
 )
+from mnist_search.tracking import mnist_datasets
 
 log = logging.getLogger("mnist_search")
 PRUNERS = ("hyperband", "median", "none")  # how trials are stopped early
@@ -152,9 +153,9 @@ def run_trial(study: optuna.Study, storage, objective, tracker, budget: int) -> 
     return study.tell(trial, value)
 
 
-def run_trials(config: SearchConfig, study, storage, tracker, data, device) -> int:
+def run_trials(config: SearchConfig, study, storage, tracker, data, device, datasets=None) -> int:
     """Run trials until the study has `config.trials` finished ones, never more. Returns an exit
-    code: 1 after 10 failed trials in a row."""
+    code: 1 after 10 failed trials in a row. `datasets`: each trial run's MLflow inputs."""
     from tqdm import tqdm
 
     # Reseed by progress: a resumed study must not replay the first run's random start-up trials.
@@ -163,8 +164,9 @@ def run_trials(config: SearchConfig, study, storage, tracker, data, device) -> i
     study.sampler = optuna.samplers.TPESampler(seed=seed)
     start, failures_in_a_row = time.monotonic(), 0
     objective = make_objective(
-        data, device, config.epochs, config.seed, tracker, config.cuda_graphs, config.space
-    )
+        data, device, config.epochs, config.seed, tracker, config.cuda_graphs, config.space,
+        datasets,
+    )  # fmt: skip
     bar = tqdm(
         total=config.trials,
         initial=finished_count(study),
@@ -216,7 +218,7 @@ def publish(study, tracker, out_dir: Path) -> pd.DataFrame:
     return board
 
 
-def lead(config: SearchConfig, study, storage, tracker, data, data_dir, device, children):
+def lead(config: SearchConfig, study, storage, tracker, data, data_dir, device, children, datasets):
     """The first worker's part: trials, then (with the others done) publish and crown. The
     parent run ends FINISHED, KILLED (interrupted: the exit code says by what) or FAILED.
     Returns (exit code, leaderboard, the Champion or None)."""
@@ -224,7 +226,7 @@ def lead(config: SearchConfig, study, storage, tracker, data, data_dir, device, 
     board, champion = None, None
     try:
         try:
-            code = run_trials(config, study, storage, tracker, data, device)
+            code = run_trials(config, study, storage, tracker, data, device, datasets)
             code = max([code, *workers.wait(children)])
         finally:
             workers.stop(children)
@@ -294,6 +296,11 @@ def search(config: SearchConfig, launcher: list[str] | None = None) -> SearchRes
         config.study_name, storage, pruner, config.seed, tracker, params, config.space
     )
     data = load_data(data_dir, device)
+    parts = mnist_datasets(
+        raw_dir(data_dir), params["data_digest"],
+        {"train-split": len(data.train), "validation-split": len(data.val)},
+    )  # fmt: skip
+    datasets = {"training": parts["train-split"], "validation": parts["validation-split"]}
     threads = torch.get_num_threads()
     if config.workers > 1:  # the matmuls of N trials share the cores
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // config.workers))
@@ -302,15 +309,17 @@ def search(config: SearchConfig, launcher: list[str] | None = None) -> SearchRes
         with interrupts.deferred():  # Ctrl-C and `kill` stop at the next safe point
             if config.worker_id > 0:  # a worker: trials only; the first one reports and crowns
                 try:
-                    code = run_trials(config, study, storage, tracker, data, device)
+                    code = run_trials(config, study, storage, tracker, data, device, datasets)
                 except KeyboardInterrupt:
                     code = interrupts.exit_code()
             else:
                 command = launcher or [sys.executable, "-m", "mnist_search.study"]
                 children = workers.spawn([*command, *config.to_argv()], config.workers)
-                code, board, champion = lead(
-                    config, study, storage, tracker, data, data_dir, device, children
-                )
+                with tracker.parent_system_metrics():
+                    code, board, champion = lead(
+                        config, study, storage, tracker, data, data_dir, device, children,
+                        datasets,
+                    )  # fmt: skip
     finally:
         torch.set_num_threads(threads)
     board = leaderboard(study) if board is None else board

@@ -18,10 +18,9 @@ import torch
 
 from mnist_search import interrupts
 from mnist_search.model import PixelClassifier
-from mnist_search.tracking import Run, env_defaults
+from mnist_search.tracking import Run
 from mnist_search.train import TrainConfig
 
-PREDICTION_DEVICE = "MLFLOW_DEFAULT_PREDICTION_DEVICE"  # where MLflow's pyfunc loads a model
 # The registered model's description: Markdown, one line per paragraph (the registry page
 # keeps line breaks).
 MODEL_DESCRIPTION = "\n\n".join(
@@ -175,33 +174,26 @@ def current_champion(client, name: str) -> tuple[str, float] | None:
     return str(version.version), float(version.tags.get("test_accuracy", "nan"))
 
 
-def register(run: Run, model: PixelClassifier, card: ModelCard, example) -> tuple[str, str]:
-    """Log `model` on `run` with the PyTorch flavor (pt2) and register it as `card.name`; the
-    alias follows `choose_alias`. Returns (version, alias)."""
-    from mlflow.models import infer_signature
-
+def register(
+    run: Run, model: PixelClassifier, card: ModelCard, example, linked=None
+) -> tuple[str, str]:
+    """Log `model` on `run` as a logged model (pt2) and register it as `card.name`; the alias
+    follows `choose_alias`. `linked` (metrics, when the run logged them, the dataset they were
+    computed on) links those points to the model. Returns (version, alias)."""
     client = run.client
-    x = example.reshape(len(example), -1)[:8].float().numpy()  # (N, 784) raw pixels 0-255
-    with torch.no_grad():
-        probs = model(torch.from_numpy(x)).numpy()
-    # MLflow checks the input example by loading the model back, on the GPU when there is one,
-    # but the exported weights live on the CPU: run that check (only) on the CPU.
-    with mlflow.start_run(run_id=run.run_id), env_defaults({PREDICTION_DEVICE: "cpu"}):
-        info = mlflow.pytorch.log_model(
-            model,
-            name="model",
-            signature=infer_signature(x, probs),
-            input_example=x[:2],
-            # pt2 (torch.export): loading runs no pickle and needs no mnist_search installed
-            serialization_format="pt2",
-            registered_model_name=card.name,
-        )
-    version = str(info.registered_model_version)
-    tags = card.tags()
-    for key, value in tags.items():
-        client.set_model_version_tag(card.name, version, key, value)
+    x = example.reshape(len(example), -1)[:8].float()  # (N, 784) raw pixels 0-255
+    model_id = run.log_model(model, card.name, 0, x, linked)
+    try:
+        client.create_registered_model(card.name)
+    except mlflow.exceptions.MlflowException as e:
+        if e.error_code != "RESOURCE_ALREADY_EXISTS":
+            raise
+    created = client.create_model_version(
+        card.name, f"models:/{model_id}", run.run_id, card.tags(), model_id=model_id
+    )
+    version = str(created.version)
     current = current_champion(client, card.name)
-    accuracy = float(tags["test_accuracy"])
+    accuracy = float(card.tags()["test_accuracy"])
     alias = choose_alias(accuracy, None if current is None else current[1])
     client.set_registered_model_alias(card.name, alias, version)
     client.update_model_version(card.name, version, card.description())
@@ -213,9 +205,11 @@ def register(run: Run, model: PixelClassifier, card: ModelCard, example) -> tupl
     return version, alias
 
 
-def ship(run: Run, model: PixelClassifier, card: ModelCard, test_images, out: Path) -> Shipped:
+def ship(
+    run: Run, model: PixelClassifier, card: ModelCard, test_images, out: Path, linked=None
+) -> Shipped:
     """Step 3. The export folder (ONNX checked on `test_images`) logged as `export/`, then the
-    logged model and its registry version."""
+    logged model (with the `linked` metrics, see `register`) and its registry version."""
     out = export_folder(model, card.meta(model), test_images, out)
     error = None
     if (out / "model.onnx").exists():
@@ -226,5 +220,5 @@ def ship(run: Run, model: PixelClassifier, card: ModelCard, test_images, out: Pa
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
     run.log_artifacts(out, "export")
     interrupts.check()
-    version, alias = register(run, model, card, test_images)
+    version, alias = register(run, model, card, test_images, linked)
     return Shipped(card.name, version, alias, out, error)

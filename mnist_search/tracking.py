@@ -3,7 +3,10 @@
 Run status tells the truth: a completed trial's run ends FINISHED, a pruned or interrupted one
 KILLED, a failed one FAILED; the tag `optuna_state` (COMPLETE, PRUNED, FAIL, INTERRUPTED) says
 which, and `fail_reason` why. Weights are a `state_dict` saved with `torch.save`, loadable with
-`torch.load(..., weights_only=True)`, beside `config.json`, never a pickled model.
+`torch.load(..., weights_only=True)`, beside `config.json`, never a pickled model. Models are
+MLflow 3 logged models in `pt2` (torch.export) form: loadable without this package and without
+unpickling, with the metrics that chose them linked to them and to the dataset they were
+computed on. The datasets a run trained and was scored on are its inputs (`mnist_datasets`).
 """
 
 from __future__ import annotations
@@ -17,14 +20,17 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import mlflow
+import numpy as np
 import torch
 from mlflow import MlflowClient
-from mlflow.entities import Metric, Param
+from mlflow.data.dataset import Dataset
+from mlflow.entities import DatasetInput, InputTag, Metric, Param
 
 ROLE_TAG = "mnist_search.role"  # study | trial | champion | explore
 STUDY_TAG = "mnist_search.study"
 PARENT_TAG = "mlflow.parentRunId"  # what makes the MLflow UI nest a run under another
 WEIGHTS_DIR = "model"
+DATASET_CONTEXT = "mlflow.data.context"  # what a run did with an input dataset
 # Opens the experiment on the MLflow UI's "Model training" view rather than its GenAI one.
 TRAINING_EXPERIMENT = {"mlflow.experimentKind": "custom_model_development"}
 
@@ -66,8 +72,10 @@ class Run:
     the one place a run's status is decided. `summary` holds the metrics logged as it ends.
     """
 
-    def __init__(self, client: MlflowClient, run_id: str, state_tag: str | None = None):
-        self.client, self.run_id = client, run_id
+    def __init__(
+        self, client: MlflowClient, run_id: str, state_tag: str | None = None, experiment_id=None
+    ):
+        self.client, self.run_id, self.experiment_id = client, run_id, experiment_id
         self.state_tag = state_tag  # the tag that names how it ended (trials: optuna_state)
         self.summary: dict[str, float] = {}
         self.tracking_seconds = 0.0
@@ -82,11 +90,67 @@ class Run:
     def log_params(self, params: dict) -> None:
         self._timed(self.client.log_batch, self.run_id, params=_params(params))
 
-    def log_metrics(self, metrics: dict, step: int = 0) -> None:
-        """Metrics at `step`, in one call (all but an "epoch" entry: that is the step)."""
+    def log_metrics(self, metrics: dict, step: int = 0) -> int:
+        """Metrics at `step`, in one call (all but an "epoch" entry: that is the step). Returns
+        their timestamp, by which `log_model` links the same points to a model."""
         now = _now_ms()
         batch = [Metric(k, float(v), now, step) for k, v in metrics.items() if k != "epoch"]
         self._timed(self.client.log_batch, self.run_id, metrics=batch)
+        return now
+
+    def log_datasets(self, datasets: dict[str, Dataset]) -> None:
+        """The run's inputs: each dataset with its context (training, validation, test, ...)."""
+        inputs = [
+            DatasetInput(d._to_mlflow_entity(), [InputTag(DATASET_CONTEXT, context)])
+            for context, d in datasets.items()
+        ]
+        self._timed(self.client.log_inputs, self.run_id, datasets=inputs)
+
+    def log_model(
+        self, model: torch.nn.Module, name: str, step: int, example: torch.Tensor,
+        linked: tuple[dict[str, float], int, Dataset] | None = None, params: dict | None = None,
+    ) -> str:  # fmt: skip
+        """`model` as a logged model of this run's experiment, output of this run at `step`, saved
+        as `pt2` (torch.export traced on `example`); `linked` = (metrics, their timestamp, the
+        dataset they were computed on) links those points of the run to the model. Returns its
+        model id: `mlflow.pytorch.load_model(f"models:/{id}")` loads it."""
+        return self._timed(self._log_model, model, name, step, example, linked, params)
+
+    def _log_model(self, model, name, step, example, linked, params) -> str:
+        from mlflow.entities import LoggedModelOutput, LoggedModelStatus
+        from mlflow.models import infer_signature
+
+        x = example.float().numpy()
+        with torch.no_grad():
+            signature = infer_signature(x, model(example.float()).numpy())
+        params = {k: str(v)[:6000] for k, v in (params or {}).items()}
+        logged = self.client.create_logged_model(
+            self.experiment_id, name=name, source_run_id=self.run_id, params=params
+        )
+        try:
+            with tempfile.TemporaryDirectory() as tmp:
+                mlflow.pytorch.save_model(
+                    model, f"{tmp}/model", serialization_format="pt2", input_example=x[:2],
+                    signature=signature,
+                    # named, not inferred: inferring imports every module (about 30 s here)
+                    pip_requirements=mlflow.pytorch.get_default_pip_requirements(),
+                )  # fmt: skip
+                self.client.log_model_artifacts(logged.model_id, f"{tmp}/model")
+        except BaseException:
+            self.client.finalize_logged_model(logged.model_id, LoggedModelStatus.FAILED)
+            raise
+        self.client.finalize_logged_model(logged.model_id, LoggedModelStatus.READY)
+        self.client.log_outputs(self.run_id, [LoggedModelOutput(logged.model_id, step=step)])
+        if linked is not None:
+            metrics, timestamp, dataset = linked
+            # the same points as the run's (key, value, timestamp, step): the run keeps one copy
+            batch = [
+                Metric(k, float(v), timestamp, step, model_id=logged.model_id,
+                       dataset_name=dataset.name, dataset_digest=dataset.digest)
+                for k, v in metrics.items()
+            ]  # fmt: skip
+            self.client.log_batch(self.run_id, metrics=batch)
+        return logged.model_id
 
     def log_artifacts(self, local: Path | str, artifact_path: str | None = None) -> None:
         """A file, or a folder's contents, under `artifact_path` in the run's artifacts."""
@@ -149,7 +213,7 @@ def create_run(
 ) -> Run:
     start = time.perf_counter()
     created = client.create_run(experiment_id, run_name=run_name, tags=tags)
-    run = Run(client, created.info.run_id, state_tag)
+    run = Run(client, created.info.run_id, state_tag, experiment_id)
     run.tracking_seconds = time.perf_counter() - start
     return run
 
@@ -173,6 +237,7 @@ class StudyTracker:
 
     def __init__(self, study_name: str, tracking_uri: str | None = None):
         self.study_name = study_name
+        self.tracking_uri = tracking_uri or mlflow.get_tracking_uri()
         try:
             with env_defaults(FAIL_FAST):
                 self.client = MlflowClient(tracking_uri)
@@ -283,6 +348,22 @@ class StudyTracker:
     def log_parent_file(self, local_path: Path, artifact_path: str | None = None) -> None:
         self.client.log_artifact(self.parent_id, str(local_path), artifact_path)
 
+    @contextmanager
+    def parent_system_metrics(self, interval: float = 10.0) -> Iterator[None]:
+        """While the block runs, MLflow samples this machine's CPU, memory, disk, network (and GPU,
+        where there is one) every `interval` seconds onto the parent run (`system/...`): one
+        thread in the process that leads the study, none per trial."""
+        from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+        monitor = SystemMetricsMonitor(
+            self.parent_id, interval, resume_logging=True, tracking_uri=self.tracking_uri
+        )
+        monitor.start()
+        try:
+            yield
+        finally:
+            monitor.finish()
+
     def finish_parent(self, status: str = "FINISHED") -> None:
         if self.parent_id is not None:
             self.client.set_terminated(self.parent_id, status)
@@ -296,3 +377,33 @@ def load_weights(run_id: str, tracking_uri: str | None = None) -> tuple[dict, di
         state_dict = torch.load(local / "weights.pt", weights_only=True)
         meta = json.loads((local / "config.json").read_text())
     return state_dict, meta
+
+
+def mnist_datasets(raw_dir: Path, digest: str, counts: dict[str, int]) -> dict[str, Dataset]:
+    """MLflow datasets, named `mnist-PART`, for the parts of MNIST a run uses, {part: images}
+    such as {"train-split": 49999, "validation-split": 10001}: each with the data digest (the
+    registry's `data_digest` tag), the verified IDX files as its source, and the shape of its
+    images and labels as its schema."""
+    import warnings
+
+    from mlflow.data.dataset_source_registry import resolve_dataset_source
+    from mlflow.data.meta_dataset import MetaDataset
+    from mlflow.types import Schema, TensorSpec
+
+    with warnings.catch_warnings():  # a local folder is a "local" source however it is named
+        warnings.simplefilter("ignore", UserWarning)
+        source = resolve_dataset_source(Path(raw_dir).resolve().as_uri())
+    return {
+        part: MetaDataset(
+            source,
+            name=f"mnist-{part}",
+            digest=digest,
+            schema=Schema(
+                [
+                    TensorSpec(np.dtype(np.uint8), (count, 28, 28), "images"),
+                    TensorSpec(np.dtype(np.int64), (count,), "labels"),
+                ]
+            ),
+        )
+        for part, count in counts.items()
+    }

@@ -1,6 +1,7 @@
 """Retrain, test once, export, register, load, predict, serve: on tiny synthetic studies, a CNN
 ensemble the search crowned and a one-trial MLP the champion CLI crowned on its own."""
 
+import copy
 import json
 import os
 import subprocess
@@ -17,14 +18,16 @@ import torch
 from mlflow import MlflowClient
 from PIL import Image
 
-from mnist_search import champion, predict, ship
+from mnist_search import champion, fetch, predict, ship
+from mnist_search import data as mdata
 from mnist_search.champion import ChampionConfig
 from mnist_search.fetch import load_images
 from mnist_search.model import PixelClassifier
 from mnist_search.search import SearchConfig, search
+from mnist_search.space import config_from_params
 from mnist_search.storage import open_storage
 from mnist_search.tracking import StudyTracker, load_weights
-from mnist_search.train import TrainConfig, build_model
+from mnist_search.train import TrainConfig, build_model, fit
 from tests.helpers import assert_parent_series, free_port, use_synthetic_mnist, wait_for_http
 
 
@@ -37,6 +40,7 @@ def crowned(tmp_path_factory):
     with pytest.MonkeyPatch.context() as mp:  # undone before the tests: each sets what it needs
         mp.chdir(tmp)
         mp.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp}/mlflow.db")
+        mp.setenv("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", "1")  # samples in a short study
         data_dir = use_synthetic_mnist(mp, tmp / "data")
         crowning = ChampionConfig(ensemble=2, retrain_epochs=3, seeds=2)
         config = SearchConfig(
@@ -109,6 +113,120 @@ def test_the_champion_is_registered_with_alias_and_tags(crowned):
     }
 
 
+def test_every_run_records_the_datasets_it_trained_and_was_scored_on(crowned):
+    tmp, data_dir, study, metrics = crowned
+    client = MlflowClient(f"sqlite:///{tmp}/mlflow.db")
+    digest = client.get_model_version_by_alias("mnist-cnn", "champion").tags["data_digest"]
+    source = json.dumps({"uri": fetch.raw_dir(data_dir).resolve().as_uri()})
+
+    def inputs(run_id) -> dict:
+        run = client.get_run(run_id)
+        return {
+            d.tags[0].value: (d.dataset.name, d.dataset.digest, d.dataset.source, d.tags[0].key)
+            for d in run.inputs.dataset_inputs
+        }
+
+    trial = ("mnist-train-split", "mnist-validation-split")
+    for t in study.trials:
+        assert inputs(t.user_attrs["mlflow_run_id"]) == {
+            "training": (trial[0], digest, source, "mlflow.data.context"),
+            "validation": (trial[1], digest, source, "mlflow.data.context"),
+        }
+    champion_run = client.get_model_version_by_alias("mnist-cnn", "champion").run_id
+    assert {c: d[0] for c, d in inputs(champion_run).items()} == {
+        "training": "mnist-train",  # all 60,000 (here 600) images
+        "validation": "mnist-validation-split",  # what chose the members
+        "test": "mnist-test",
+    }
+    schema = json.loads(client.get_run(champion_run).inputs.dataset_inputs[0].dataset.schema)
+    shapes = [spec["tensor-spec"]["shape"] for spec in schema["mlflow_colspec"]]
+    assert shapes == [[600, 28, 28], [600]]  # the training images and labels
+    # the test figures are linked to the registered model and to the test set
+    (output,) = client.get_run(champion_run).outputs.model_outputs
+    model_id = output.model_id
+    assert (
+        client.get_model_version_by_alias("mnist-cnn", "champion").source == f"models:/{model_id}"
+    )
+    linked = {m.key: (m.value, m.dataset_name) for m in client.get_logged_model(model_id).metrics}
+    assert linked == {
+        "test_accuracy": (pytest.approx(metrics["test_accuracy"]), "mnist-test"),
+        "test_errors": (metrics["test_errors"], "mnist-test"),
+    }
+
+
+def test_the_study_run_has_system_metrics(crowned):
+    tmp, _, study, _ = crowned
+    client = MlflowClient(f"sqlite:///{tmp}/mlflow.db")
+    parent = client.get_run(study.user_attrs["mlflow_parent_run_id"])
+    system = {k for k in parent.data.metrics if k.startswith("system/")}
+    assert {"system/cpu_utilization_percentage", "system/system_memory_usage_megabytes"} <= system
+    for t in study.trials:  # none on the trials: no thread per trial
+        trial_run = client.get_run(t.user_attrs["mlflow_run_id"])
+        assert not [k for k in trial_run.data.metrics if k.startswith("system/")]
+
+
+# A process without mnist_search (as LOAD_WITHOUT_THE_PACKAGE below) loads a trial's logged model.
+LOAD_A_LOGGED_MODEL = """
+import sys
+sys.path += sys.argv[4:]
+try:
+    import mnist_search
+except ImportError:
+    pass
+else:
+    sys.exit(f"mnist_search is importable here: {mnist_search.__file__}")
+import mlflow, numpy as np, torch
+mlflow.set_tracking_uri(sys.argv[1])
+model = mlflow.pytorch.load_model(f"models:/{sys.argv[2]}")
+with torch.no_grad():
+    np.save(sys.argv[3], model(torch.from_numpy(np.load(sys.argv[3]))).numpy())
+"""
+
+
+@pytest.mark.slow
+def test_a_trials_logged_model_is_its_best_epoch_and_loads_without_the_package(crowned, tmp_path):
+    tmp, data_dir, study, _ = crowned
+    client = MlflowClient(f"sqlite:///{tmp}/mlflow.db")
+    trial = study.best_trial
+    model_id = trial.user_attrs["mlflow_model_id"]
+    logged = client.get_logged_model(model_id)
+    assert (logged.name, logged.source_run_id) == (
+        f"trial-{trial.number}",
+        trial.user_attrs["mlflow_run_id"],
+    )
+    assert logged.params == {k: str(v) for k, v in trial.params.items()}
+    run = client.get_run(trial.user_attrs["mlflow_run_id"])
+    assert [(o.model_id, o.step) for o in run.outputs.model_outputs] == [
+        (model_id, trial.user_attrs["best_epoch"])
+    ]
+    linked = {m.key: (m.value, m.dataset_name, m.step) for m in logged.metrics}
+    best = trial.user_attrs["best_epoch"]
+    assert linked["val_accuracy"] == (trial.value, "mnist-validation-split", best)
+    history = client.get_metric_history(run.info.run_id, "val_accuracy")
+    assert [m.step for m in history] == list(range(1, trial.user_attrs["epochs_trained"] + 1))
+
+    # the weights it came from: the trial trained again (deterministic), at its best epoch
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(mdata, "VAL_SIZE", 100)
+        data = mdata.load_data(data_dir)
+    config = config_from_params(trial.params, 2, study.user_attrs["seed"], "cnn")
+    weights = {}
+    fit(config, data, on_epoch_end=lambda e, m, net: weights.__setitem__(e, copy.deepcopy(net)))
+    expected_model = PixelClassifier(weights[best], data.mean, data.std).eval()
+    pixels = (data.val.x * data.std + data.mean) * 255  # raw 0-255, (N, 784)
+    with torch.no_grad():
+        expected = expected_model(pixels).numpy()
+    np.save(tmp_path / "io.npy", pixels.numpy())
+    site_packages = sorted({sysconfig.get_paths()[k] for k in ("purelib", "platlib")})
+    argv = [f"sqlite:///{tmp}/mlflow.db", model_id, str(tmp_path / "io.npy"), *site_packages]
+    loaded = subprocess.run(
+        [sys.executable, "-I", "-S", "-c", LOAD_A_LOGGED_MODEL, *argv],
+        cwd=tmp, capture_output=True, text=True, timeout=600,  # bounds a hang only
+    )  # fmt: skip
+    assert loaded.returncode == 0, loaded.stderr
+    assert np.abs(np.load(tmp_path / "io.npy") - expected).max() < 1e-5
+
+
 def test_loads_agree_and_reproduce_the_test_accuracy(crowned, monkeypatch):
     tmp, data_dir, _, metrics = crowned
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp}/mlflow.db")
@@ -149,6 +267,7 @@ print(json.dumps({"tensors": sorted(state), "members": members}))
 """
 
 
+@pytest.mark.slow
 def test_export_folder_loads_without_the_package_and_onnx_matches(crowned, tmp_path):
     tmp, data_dir, study, metrics = crowned
     out = tmp / "exports/mnist-cnn"
