@@ -93,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
         p.error(str(e))
     trials = members_of(study, args.candidates)
     val = load_data(args.data_dir or default_data_dir()).val
-    probs = member_probs(trials, args.tracking_uri, val.x)
+    probs = member_probs(trials, args.tracking_uri, val.features())
     print(f"study {args.study_name}: {len(trials)} candidate trials, {len(val)} validation images")
     print("K | members (as the champion picks) | as the champion picks | held out")
     best = None

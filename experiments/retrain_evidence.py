@@ -38,7 +38,8 @@ def scores(configs, data, device) -> tuple[float, list[float]]:
     """(mean accuracy of the members, [accuracy of the ensemble of the first k, k = 1..K]) on
     `data.val`."""
     probs = [
-        torch.softmax(predict_logits(fit(c, data, device).model, data.val.x), 1) for c in configs
+        torch.softmax(predict_logits(fit(c, data, device).model, data.val.features()), 1)
+        for c in configs
     ]
     right = lambda p: (p.argmax(1) == data.val.y).float().mean().item()  # noqa: E731
     together = [right(torch.stack(probs[:k]).mean(0)) for k in range(1, len(probs) + 1)]

@@ -102,11 +102,11 @@ def matmul_flops(device: torch.device, n: int, seconds: float = 2.0) -> float:
 def bench(data_dir: Path, device: torch.device, samples: int) -> dict[str, tuple[str, float]]:
     """{key: (row label, samples/s)}; keys usual, eager128 (GPU only), ours128, ours512, ceiling,
     cnn128, cnn128aug."""
-    from mnist_search.data import Data, Split, load_data
+    from mnist_search.data import Data, load_data
     from mnist_search.model import MLP, training_flops_per_sample
 
     data = load_data(data_dir, device)
-    subset = Data(Split(data.train.x[:samples], data.train.y[:samples]), None, data.mean, data.std)
+    subset = Data(data.train.head(samples), None, data.mean, data.std)
     gpu = device.type == "cuda"
     n = 4096 if gpu else 1024  # a GPU needs big matrices to reach its peak
     flops = matmul_flops(device, n)

@@ -22,14 +22,30 @@ SPLIT_SEED = 0  # fixed so that every study selects on the same validation image
 
 @dataclass(frozen=True)
 class Split:
-    x: torch.Tensor  # (N, 784) float32, normalized
+    """Images and labels. MNIST's are kept as raw uint8 pixels, a quarter of float32's memory
+    (39 MB instead of 157 for the training split, in every worker), and normalized batch by
+    batch on their device with `mean` and `std`; features that need no normalization (tests'
+    toy problems) have no `mean`."""
+
+    x: torch.Tensor  # (N, 784): uint8 pixels 0-255 when `mean` is given, else float features
     y: torch.Tensor  # (N,) int64
+    mean: float | None = None  # of the training pixels scaled to [0, 1]
+    std: float | None = None
 
     def __len__(self) -> int:
         return len(self.y)
 
     def to(self, device: str | torch.device) -> Split:
-        return Split(self.x.to(device), self.y.to(device))
+        return Split(self.x.to(device), self.y.to(device), self.mean, self.std)
+
+    def head(self, n: int) -> Split:
+        return Split(self.x[:n], self.y[:n], self.mean, self.std)
+
+    def features(self, rows: torch.Tensor | slice = slice(None)) -> torch.Tensor:
+        """The rows (an index tensor or a slice) as the networks take them: (n, 784) float32,
+        normalized."""
+        x = self.x.index_select(0, rows) if isinstance(rows, torch.Tensor) else self.x[rows]
+        return x if self.mean is None else (x.float() / 255 - self.mean) / self.std
 
     def batch_indices(self, batch_size: int, generator: torch.Generator) -> Iterator[torch.Tensor]:
         """One epoch of shuffled batches, as index tensors on the split's device, sliced from a
@@ -63,8 +79,8 @@ def stratified_split(labels: torch.Tensor, val_size: int, seed: int) -> tuple:
 
 
 def to_split(images: torch.Tensor, labels: torch.Tensor, mean: float, std: float, device) -> Split:
-    x = (images.reshape(len(images), -1).float() / 255 - mean) / std  # (N, 784)
-    return Split(x.to(device), labels.long().to(device))
+    pixels = images.reshape(len(images), -1).to(torch.uint8)  # (N, 784), normalized per batch
+    return Split(pixels.to(device), labels.long().to(device), mean, std)
 
 
 def pixel_stats(images: torch.Tensor) -> tuple[float, float]:

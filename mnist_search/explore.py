@@ -23,7 +23,7 @@ def sample_grid(images, labels, path: Path, per_class: int = 10) -> Path:
         members = (labels == digit).nonzero().squeeze(1)[:per_class]
         for col, i in enumerate(members.tolist()):
             ax = axes[digit, col]
-            ax.imshow(images[i], cmap="gray")
+            ax.imshow(images[i].numpy(), cmap="gray")
             ax.set_xticks([])
             ax.set_yticks([])
             if col == 0:
@@ -50,7 +50,7 @@ def mean_images(images, labels, path: Path) -> Path:
 
     fig, axes = plt.subplots(2, 5, figsize=(10, 4.5))
     for digit, ax in enumerate(axes.ravel()):
-        ax.imshow(images[labels == digit].float().mean(0), cmap="magma")
+        ax.imshow(images[labels == digit].float().mean(0).numpy(), cmap="magma")
         ax.set_title(f"mean of {digit}")
         ax.axis("off")
     return save_figure(fig, path)

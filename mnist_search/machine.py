@@ -40,3 +40,26 @@ def native_bf16(device: torch.device) -> bool:
         return torch.cuda.is_bf16_supported()
     probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")  # torch's own CPU probes
     return device.type == "cpu" and any(getattr(torch.cpu, p, lambda: False)() for p in probes)
+
+
+# The peak private memory of one worker process training the default CNNs on the CPU: its imports
+# (torch, optuna, mlflow: about 390 MB; torchvision: 85), MNIST as uint8 pixels (46) and a
+# trial's working set (experiments/control_plane.py measures it, docs/scale-out.md).
+WORKER_MB = 700
+
+
+def check_memory_for(workers: int, available_mb: float | None = None) -> None:
+    """ValueError naming the limit if `workers` worker processes would not fit in this machine's
+    available memory (psutil's `available`: free, and reclaimable without swapping)."""
+    if available_mb is None:
+        import psutil
+
+        available_mb = psutil.virtual_memory().available / 2**20
+    need = workers * WORKER_MB
+    if need > available_mb:
+        most = int(available_mb // WORKER_MB)
+        raise ValueError(
+            f"--workers {workers} needs about {need / 1024:.1f} GiB of memory ({WORKER_MB} MB "
+            f"a worker), but this machine has {available_mb / 1024:.1f} GiB available: use "
+            f"--workers {max(most, 1)} or fewer here, and more machines for more workers"
+        )

@@ -115,7 +115,7 @@ def make_objective(
         net = build_model(config)
         net.load_state_dict(best["weights"])
         model = PixelClassifier(net.cpu(), data.mean, data.std).eval()
-        example = (data.val.x[:8].cpu() * data.std + data.mean) * 255  # raw pixels, (8, 784)
+        example = data.val.x[:8].cpu().float()  # raw pixels 0-255, (8, 784)
         linked = {k: best[k] for k in ("val_accuracy", "val_loss")}
         return run.log_model(
             model, f"trial-{trial.number}", best["epoch"], example,

@@ -29,7 +29,7 @@ from mnist_search.champion import Champion, ChampionConfig, crown
 from mnist_search.data import VAL_SIZE, load_data
 from mnist_search.fetch import data_digest, default_data_dir, ensure_mnist, raw_dir
 from mnist_search.figures import study_figures
-from mnist_search.machine import resolve_device
+from mnist_search.machine import check_memory_for, resolve_device
 from mnist_search.objective import (
     OVER_BUDGET,
     give_back,
@@ -278,6 +278,8 @@ def search(config: SearchConfig, launcher: list[str] | None = None) -> SearchRes
     flags (`SearchConfig.to_argv`)."""
     try:
         device = resolve_device(config.device)
+        if config.worker_id == 0:  # the first process checks for all it starts
+            check_memory_for(config.workers)
     except ValueError as e:
         raise BadInput(str(e)) from None
     try:

@@ -234,9 +234,14 @@ def predict_logits(model: nn.Module, x: torch.Tensor, batch_size: int = 8192) ->
 
 def evaluate(model: nn.Module, split: Split) -> dict:
     """Mean cross-entropy and accuracy of `model` on `split`."""
+    import torch
     from torch import nn
 
-    logits = predict_logits(model, split.x)
+    model.eval()
+    with torch.no_grad():
+        logits = torch.cat(
+            [model(split.features(slice(i, i + 8192))) for i in range(0, len(split), 8192)]
+        )
     return {
         "loss": nn.functional.cross_entropy(logits, split.y).item(),
         "accuracy": (logits.argmax(1) == split.y).float().mean().item(),
@@ -274,7 +279,7 @@ def fit(
     bf16 = forward_precision(config, device) == "bf16"
 
     def step(idx: torch.Tensor) -> None:
-        x, y = data.train.x.index_select(0, idx), data.train.y.index_select(0, idx)
+        x, y = data.train.features(idx), data.train.y.index_select(0, idx)
         x = random_affine(x, config.augment, background, config.shear, config.elastic)
         optimizer.zero_grad(set_to_none=False)
         # bf16: autocast with its cast cache off, as PyTorch asks of autocast in CUDA graphs

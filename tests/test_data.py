@@ -18,9 +18,14 @@ def test_stratified_split_is_disjoint_complete_and_balanced():
 def test_normalization_comes_from_the_training_split_only(synthetic_mnist, monkeypatch):
     data = mdata.load_data(synthetic_mnist)
     assert len(data.train) == 500 and len(data.val) == 100
-    assert data.train.x.shape == (500, 784)
-    assert abs(data.train.x.mean().item()) < 1e-4  # normalized by its own statistics
-    assert abs(data.train.x.std().item() - 1) < 1e-3
+    # kept as raw pixels (a quarter of float32's memory), normalized as they are served
+    assert data.train.x.shape == (500, 784) and data.train.x.dtype == torch.uint8
+    features = data.train.features()
+    assert features.dtype == torch.float32
+    assert abs(features.mean().item()) < 1e-4  # normalized by its own statistics
+    assert abs(features.std().item() - 1) < 1e-3
+    rows = torch.tensor([3, 0, 7])
+    assert torch.equal(data.train.features(rows), features[rows])  # a batch: the same numbers
     images, labels = fetch.load_images(synthetic_mnist, train=True)
     _, val_idx = mdata.stratified_split(labels, mdata.VAL_SIZE, mdata.SPLIT_SEED)
     train_idx = sorted(set(range(len(labels))) - set(val_idx.tolist()))  # the complement

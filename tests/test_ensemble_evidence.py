@@ -54,8 +54,9 @@ def test_retrain_evidence_scores_each_member_and_the_ensembles_of_the_best_k():
     configs = [MLP_CONFIG, CNN_CONFIG]
     alone, together = retrain_evidence.scores(configs, data, "cpu")
     # fit is seeded: the same configs train the same networks again here
+    val = data.val.features()
     right = [
-        (predict_logits(fit(c, data).model, data.val.x).argmax(1) == data.val.y).float().mean()
+        (predict_logits(fit(c, data).model, val).argmax(1) == data.val.y).float().mean()
         for c in configs
     ]
     assert alone == pytest.approx(sum(right).item() / 2)

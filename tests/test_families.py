@@ -67,7 +67,7 @@ def test_a_cnn_trains_with_augmentation_and_counts_its_flops():
 )
 def test_augmentation_off_is_the_identity_and_on_keeps_shapes_and_is_seeded(strengths):
     """Each distortion (affine, shear, elastic) sees images only, so labels are untouched."""
-    x = band_data().train.x[:64]
+    x = band_data().train.features()[:64]
     assert random_affine(x, 0.0, -1.0, 0.0, 0.0) is x
     torch.manual_seed(3)
     a = random_affine(x, *strengths[:1], -1.0, *strengths[1:])
@@ -84,7 +84,7 @@ def test_augmentation_off_is_the_identity_and_on_keeps_shapes_and_is_seeded(stre
 
 def test_shear_and_elastic_off_draw_what_the_affine_distortion_drew_before():
     """A config without them trains on exactly the batches it did before they existed."""
-    x = band_data().train.x[:16]
+    x = band_data().train.features()[:16]
     torch.manual_seed(0)
     before = random_affine(x, 0.4, -1.0)
     torch.manual_seed(0)

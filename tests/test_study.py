@@ -1,5 +1,6 @@
 """The study end to end on tiny synthetic data, in tmp_path."""
 
+import dataclasses
 import signal
 import threading
 
@@ -9,7 +10,7 @@ from mlflow import MlflowClient
 
 from mnist_search import search as msearch
 from mnist_search import study as mstudy
-from mnist_search.data import load_data
+from mnist_search.data import Split, load_data
 from mnist_search.model import training_flops_per_sample
 from mnist_search.objective import make_objective
 from mnist_search.search import SearchConfig, run_trials, search
@@ -175,7 +176,10 @@ def test_pruned_and_failed_trials_are_recorded_as_such(in_tmp, synthetic_mnist):
     study = optuna.create_study(direction="maximize", pruner=optuna.pruners.ThresholdPruner(2.0))
     study.optimize(objective, n_trials=1)
     # a diverging trial (its loss becomes NaN) fails with its reason, and the study goes on
-    data.train.x[0, 0] = float("nan")
+    features = data.train.features()
+    features[0, 0] = float("nan")
+    data = dataclasses.replace(data, train=Split(features, data.train.y))
+    objective = make_objective(data, "cpu", epochs=3, seed=0, tracker=tracker)
     study.optimize(objective, n_trials=1, catch=(Exception,))
     pruned, failed = study.trials
     assert pruned.state.name == "PRUNED" and failed.state.name == "FAIL"

@@ -266,3 +266,14 @@ def test_cuda_graphs_with_dropout_learn():
     data = Data(data.train.to("cuda"), data.val.to("cuda"), data.mean, data.std)
     result = fit(TrainConfig(**{**CONFIG.to_dict(), "epochs": 15}), data, "cuda")
     assert result.history[-1]["val_accuracy"] > 0.8
+
+
+def test_workers_beyond_the_available_memory_are_refused_naming_the_limit():
+    from mnist_search.machine import WORKER_MB, check_memory_for
+
+    check_memory_for(4, available_mb=4 * WORKER_MB)  # just fits
+    with pytest.raises(ValueError) as refused:
+        check_memory_for(5, available_mb=4.5 * WORKER_MB)
+    message = str(refused.value)
+    assert message.startswith(f"--workers 5 needs about {5 * WORKER_MB / 1024:.1f} GiB")
+    assert "use --workers 4 or fewer here" in message
