@@ -79,6 +79,9 @@ def test_the_champion_is_registered_with_alias_and_tags(crowned):
         assert fact in version.description
     assert version.tags["data_digest"] in version.description
     assert "| `channels` |" in version.description and "parameters" in version.description
+    # what model.onnx costs to run, measured at export (the figures vary with the machine)
+    speed = f"{metrics['onnx_ms_per_image_batch_1']:.2f} ms per image one at a time"
+    assert speed in version.description and metrics["onnx_images_per_s_batch_1000"] > 0
     run = client.get_run(version.run_id)
     assert run.data.tags["mnist_search.role"] == "champion"
     parent = client.get_run(run.data.tags["mlflow.parentRunId"])  # nested under the study's run
