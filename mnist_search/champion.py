@@ -39,7 +39,7 @@ from mnist_search.space import (
 )
 from mnist_search.storage import DEFAULT_STORAGE
 from mnist_search.studies import BadInput
-from mnist_search.tracking import Run, lifecycle, mnist_datasets
+from mnist_search.tracking import QUIET, Run, env_defaults, lifecycle, mnist_datasets
 from mnist_search.train import TrainConfig, fit
 
 
@@ -361,7 +361,7 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"--study-name {args.study_name!r}: {e}")
     if not cli.mnist_ready(data_dir):  # before the champion's run is made
         return 1
-    with interrupts.deferred():  # Ctrl-C and `kill` stop between steps, never mid-write
+    with interrupts.deferred(), env_defaults(QUIET):  # Ctrl-C stops between steps
         try:
             champion = crown(study, tracker, data_dir, device, config, args.cuda_graphs)
         except KeyboardInterrupt:

@@ -65,11 +65,13 @@ def make_objective(
         best = {"val_accuracy": -1.0}  # the best epoch so far: its metrics, time and weights
 
         def on_epoch_end(epoch, metrics, model) -> bool:
+            # first the study: a trial another worker failed (this process was paused past the
+            # heartbeat's grace period) raises UpdateFinishedTrialError here, before any write
+            trial.report(metrics["val_accuracy"], epoch)
             stamp = run.log_metrics(metrics, step=epoch)
             if metrics["val_accuracy"] > best["val_accuracy"]:
                 weights = {k: v.detach().clone() for k, v in model.state_dict().items()}
                 best.update(metrics, epoch=epoch, stamp=stamp, weights=weights)
-            trial.report(metrics["val_accuracy"], epoch)
             interrupts.check()  # a Ctrl-C or SIGTERM received since the last check stops here
             return trial.should_prune()
 
@@ -93,6 +95,7 @@ def make_objective(
             trial.set_user_attr("checkpoint_seconds", time.perf_counter() - logging_start)
         seconds = time.perf_counter() - start
         trial.set_user_attr("tracking_fraction", run.tracking_seconds / seconds)
+        trial.set_user_attr("tracking_seconds", run.tracking_seconds)
         return value
 
     def objective(trial: optuna.Trial) -> float:
@@ -106,7 +109,8 @@ def make_objective(
         if datasets:
             run.log_datasets(datasets)
         failed = lambda reason: trial.set_user_attr("fail_reason", reason)  # noqa: E731
-        with lifecycle(run, {optuna.TrialPruned: "PRUNED"}, on_failure=failed):
+        taken_over = (optuna.exceptions.UpdateFinishedTrialError,)  # its run is not ours now
+        with lifecycle(run, {optuna.TrialPruned: "PRUNED"}, failed, leave=taken_over):
             return train(trial, config, run)
 
     def log_checkpoint(trial: optuna.Trial, config, run, best: dict) -> str:

@@ -37,6 +37,7 @@ from mnist_search.objective import (
     mark_worker,
     places_taken_before,
 )
+from mnist_search.retry import StoreUnavailable, retry_seconds
 from mnist_search.space import DEFAULT_SPACE, DEFAULTS, SPACES, default_name
 from mnist_search.storage import DEFAULT_STORAGE, check_storage, heartbeat, open_storage
 from mnist_search.studies import BadInput, open_study, open_tracker
@@ -47,10 +48,11 @@ from mnist_search.summary import (
     running_count,
     study_summary,
 )
-from mnist_search.tracking import mnist_datasets
+from mnist_search.tracking import TRACKING_STORE, mnist_datasets
 
 log = logging.getLogger("mnist_search")
 PRUNERS = ("hyperband", "median", "none")  # how trials are stopped early
+STORE_AWAY = 75  # exit code (EX_TEMPFAIL) when a store stayed away: rerun once it is back
 
 
 @dataclass(frozen=True)
@@ -70,6 +72,7 @@ class SearchConfig:
     pruner: str = "hyperband"  # hyperband | median | none
     timeout: float | None = None  # seconds after which no new trial starts
     workers: int = 1  # trial processes on this machine, sharing the storage
+    store_retry_seconds: float | None = None  # how long a store may be away; None: retry's
     # what to crown at the end (resolved against the space); None: no champion
     champion: ChampionConfig | None = ChampionConfig()
     worker_id: int = field(default=0, repr=False)  # > 0: a worker `search` started
@@ -87,6 +90,10 @@ class SearchConfig:
             raise BadInput(f"{' and '.join(small)} must be at least 1")
         if self.timeout is not None and self.timeout <= 0:
             raise BadInput(f"--timeout must be positive, not {self.timeout:g}")
+        try:
+            object.__setattr__(self, "store_retry_seconds", retry_seconds(self.store_retry_seconds))
+        except ValueError as e:
+            raise BadInput(str(e)) from None
         for flag in ("study_name", "storage"):
             if not getattr(self, flag).strip():
                 raise BadInput(f"--{flag.replace('_', '-')} is empty; give it a name")
@@ -113,7 +120,8 @@ class SearchConfig:
 @dataclass
 class SearchResult:
     study: optuna.Study
-    exit_code: int  # 0; 1 when trials kept failing or a worker failed; 130/143 when interrupted
+    exit_code: int  # 0; 1 when trials kept failing or a worker failed; 75 when a store stayed
+    # away past --store-retry-seconds; 130/143 when interrupted
     summary: dict[str, float]  # trial counts, epochs trained, search seconds (`study_summary`)
     leaderboard: pd.DataFrame  # the best finished trials (`summary.leaderboard`)
     champion: Champion | None = None  # what `crown` made, if it ran
@@ -131,11 +139,22 @@ def run_trial(study: optuna.Study, storage, objective, tracker, budget: int) -> 
     """One trial by ask and tell, as Optuna's `optimize` runs one: stale trials of dead workers
     failed first (RDB storages), the heartbeat kept while it runs. A trial that finds the
     budget taken is given back before training; an error ends it FAIL (its reason in the user
-    attribute `fail_reason`); a KeyboardInterrupt ends it FAIL and propagates."""
-    with warnings.catch_warnings():  # experimental since Optuna 2.9, as optimize calls it
-        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+    attribute `fail_reason`); a KeyboardInterrupt ends it FAIL and propagates, and so does a
+    store that stayed away (StoreUnavailable). A trial that another worker failed while this
+    process was paused is left as that worker ended it, and said so in one line."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)  # since 2.9
         optuna.storages.fail_stale_trials(study)  # does nothing without a heartbeat
-    trial = study.ask()
+        # Optuna warns that the heartbeat is meant for optimize: here `heartbeat` keeps it
+        warnings.filterwarnings("ignore", "Heartbeat of storage is supposed", UserWarning)
+        trial = study.ask()
+    retrier = getattr(storage, "retrier", None)  # an RDB storage counts its calls' seconds
+    before = retrier.seconds if retrier else 0.0
+
+    def note_storage_seconds() -> None:  # the control plane's cost, for finished trials
+        if retrier is not None:
+            trial.set_user_attr("storage_seconds", retrier.seconds - before)
+
     with heartbeat(storage, trial._trial_id):
         mark_worker(trial)
         if (taken := places_taken_before(trial)) >= budget:
@@ -143,14 +162,27 @@ def run_trial(study: optuna.Study, storage, objective, tracker, budget: int) -> 
             return study.tell(trial, state=TrialState.FAIL)
         try:
             value = objective(trial)
+            note_storage_seconds()
         except optuna.TrialPruned:
+            note_storage_seconds()
             return study.tell(trial, state=TrialState.PRUNED)
+        except optuna.exceptions.UpdateFinishedTrialError:
+            log.warning(
+                "trial %d: another worker failed it while this process was paused past the "
+                "heartbeat's grace period; its work is dropped and the search goes on",
+                trial.number,
+            )
+            return storage.get_trial(trial._trial_id)
         except KeyboardInterrupt:
             study.tell(trial, state=TrialState.FAIL)
             raise
+        except StoreUnavailable as e:
+            if e.store == TRACKING_STORE:  # the study still answers: the trial ends FAIL there
+                study.tell(trial, state=TrialState.FAIL)
+            raise  # the study away: the trial stays RUNNING until a worker finds it dead
         except Exception:  # noqa: BLE001 - the run and fail_reason say what it was
             return study.tell(trial, state=TrialState.FAIL)
-    return study.tell(trial, value)
+    return study.tell(trial, value, skip_if_finished=True)  # paused after its last epoch
 
 
 def run_trials(config: SearchConfig, study, storage, tracker, data, device, datasets=None) -> int:
@@ -161,7 +193,12 @@ def run_trials(config: SearchConfig, study, storage, tracker, data, device, data
     # Reseed by progress: a resumed study must not replay the first run's random start-up trials.
     # Workers get their own streams, so they do not propose the same start-up trials.
     seed = config.seed + len(study.trials) + 1000 * config.worker_id
-    study.sampler = optuna.samplers.TPESampler(seed=seed)
+    # Several workers (here, or on other machines of an RDB storage): propose with the running
+    # trials in mind, as Optuna recommends for parallel TPE, so they do not train near-twins.
+    parallel = config.workers > 1 or "://" in config.storage
+    with warnings.catch_warnings():  # constant_liar is experimental since Optuna 2.8
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        study.sampler = optuna.samplers.TPESampler(seed=seed, constant_liar=parallel)
     start, failures_in_a_row = time.monotonic(), 0
     objective = make_objective(
         data, device, config.epochs, config.seed, tracker, config.cuda_graphs, config.space,
@@ -186,8 +223,12 @@ def run_trials(config: SearchConfig, study, storage, tracker, data, device, data
             if config.timeout is not None and time.monotonic() - start > config.timeout:
                 log.warning("--timeout %gs reached; rerun to finish", config.timeout)
                 return 0
-            trial = run_trial(study, storage, objective, tracker, config.trials)
-            tracker.log_parent_series(progress_points(study))
+            try:
+                trial = run_trial(study, storage, objective, tracker, config.trials)
+                tracker.log_parent_series(progress_points(study))
+            except StoreUnavailable as e:
+                log.error("error: %s", e)
+                return STORE_AWAY
             bar.update(finished_count(study) - bar.n)
             if trial.user_attrs.get(OVER_BUDGET):
                 log.warning("trial %d: %s", trial.number, trial.user_attrs["fail_reason"])
@@ -230,6 +271,8 @@ def lead(config: SearchConfig, study, storage, tracker, data, data_dir, device, 
             code = max([code, *workers.wait(children)])
         finally:
             workers.stop(children)
+        if code == STORE_AWAY:  # the parent run is closed by the rerun that completes the study
+            return code, pd.DataFrame(), None
         board = publish(study, tracker, out_dir)
         if code == 0 and finished_count(study) >= config.trials and config.champion:
             champion = crown(study, tracker, data_dir, device, config.champion, config.cuda_graphs)
@@ -289,9 +332,9 @@ def search(config: SearchConfig, launcher: list[str] | None = None) -> SearchRes
     data_dir = config.data_dir or default_data_dir()
     if data_dir.exists() and not data_dir.is_dir():
         raise BadInput(f"--data-dir {data_dir} is a file; give the folder MNIST lives in")
-    tracker = open_tracker(config.study_name, config.tracking_uri)
+    tracker = open_tracker(config.study_name, config.tracking_uri, config.store_retry_seconds)
     ensure_mnist(data_dir)
-    storage = open_storage(config.storage)
+    storage = open_storage(config.storage, config.store_retry_seconds)
     pruner = make_pruner(config.pruner, config.epochs)
     params = study_params(config, pruner, data_dir)
     study = open_study(
@@ -324,5 +367,7 @@ def search(config: SearchConfig, launcher: list[str] | None = None) -> SearchRes
                     )  # fmt: skip
     finally:
         torch.set_num_threads(threads)
+    if code == STORE_AWAY:  # reading the study would only wait for its store again
+        return SearchResult(study, code, {}, pd.DataFrame())
     board = leaderboard(study) if board is None else board
     return SearchResult(study, code, study_summary(study), board, champion)

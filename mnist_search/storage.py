@@ -2,8 +2,9 @@
 
 A journal file (the default; safe for workers on one machine) or an RDB URL (sqlite:///...,
 postgresql://...: workers on many machines). `check_storage` finds what is wrong with a value
-without creating anything, so that a bad flag leaves no file behind. Imports nothing else of
-the package: every command that reads a study stands on it.
+without creating anything, so that a bad flag leaves no file behind. Imports only `retry` and
+`rdb` of the package, when it opens an RDB storage: every command that reads a study stands on
+it.
 """
 
 from __future__ import annotations
@@ -57,15 +58,27 @@ def check_storage(url: str) -> None:
             raise ValueError(f"cannot connect: {type(e).__name__}: {str(e)[:300]}") from None
 
 
-def open_storage(url: str):
-    """An Optuna storage from an RDB URL or a journal-file path (created if need be)."""
+HEARTBEAT = (30, 120)  # RDB storages: seconds between a trial's heartbeats, and before one
+# without any is failed (the grace period)
+
+
+def open_storage(url: str, retry_seconds: float | None = None):
+    """An Optuna storage from an RDB URL or a journal-file path (created if need be). An RDB
+    storage's calls are retried while its database is away (`rdb`), for `retry_seconds`
+    (default: `retry.retry_seconds()`)."""
     import optuna
     from optuna.storages.journal import JournalFileBackend, JournalStorage
 
     if "://" in url:  # the heartbeat fails trials of workers that died on any host
+        from mnist_search.rdb import RetryingRDBStorage
+        from mnist_search.retry import retry_seconds as default_retry
+
+        interval, grace = HEARTBEAT
         with warnings.catch_warnings():  # the heartbeat is experimental since Optuna 2.9
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            return optuna.storages.RDBStorage(url, heartbeat_interval=30, grace_period=120)
+            return RetryingRDBStorage(
+                url, default_retry(retry_seconds), heartbeat_interval=interval, grace_period=grace
+            )
     return JournalStorage(JournalFileBackend(url))
 
 

@@ -28,9 +28,11 @@ class BadInput(ValueError):
     """A setting that cannot work, found before anything was created; names the flag."""
 
 
-def open_tracker(study_name: str, tracking_uri: str | None) -> StudyTracker:
+def open_tracker(
+    study_name: str, tracking_uri: str | None, retry_seconds: float | None = None
+) -> StudyTracker:
     try:
-        return StudyTracker(study_name, tracking_uri)
+        return StudyTracker(study_name, tracking_uri, retry_seconds)
     except TrackingError as e:
         raise BadInput(str(e)) from None
 

@@ -61,6 +61,14 @@ def build_parser() -> argparse.ArgumentParser:
         default=1,
         help="trial processes on this machine, sharing the storage (each gets cores / N threads)",
     )
+    p.add_argument(
+        "--store-retry-seconds",
+        type=float,
+        default=None,
+        help="how long the Optuna storage or the MLflow tracking store may be away (a restart) "
+        "before the running trial fails and the command exits 75 (default: "
+        "$MNIST_SEARCH_STORE_RETRY_SECONDS, else 120)",
+    )
     p.add_argument("--worker-id", type=int, default=0, help=argparse.SUPPRESS)
     p.add_argument(
         "--no-champion",
@@ -79,21 +87,28 @@ def main(argv: list[str] | None = None, launcher: list[str] | None = None) -> in
     # the heavy imports only now that the flags parse, so that --help is instant
     from mnist_search.champion import ChampionConfig
     from mnist_search.fetch import DataError
-    from mnist_search.search import BadInput, SearchConfig, search
+    from mnist_search.retry import StoreUnavailable
+    from mnist_search.search import STORE_AWAY, BadInput, SearchConfig, search
+    from mnist_search.tracking import QUIET, env_defaults
 
     flags = vars(args)
     crowning = {k: flags.pop(k) for k in ("ensemble", "retrain_epochs", "seeds", "register_as")}
     no_champion = flags.pop("no_champion")
     logging.basicConfig(format="%(message)s")  # the search's one-line notices, on stderr
+    logging.getLogger("mlflow.system_metrics").setLevel(logging.WARNING)  # no start/stop lines
     try:
         champion = ChampionConfig(**crowning)  # checked even with --no-champion
         champion = None if no_champion else champion
-        result = search(SearchConfig(**flags, champion=champion), launcher)
+        with env_defaults(QUIET):
+            result = search(SearchConfig(**flags, champion=champion), launcher)
     except BadInput as e:
         parser.error(str(e))
     except DataError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
+    except StoreUnavailable as e:
+        print(f"error: {e}", file=sys.stderr)
+        return STORE_AWAY
     board = result.leaderboard
     if args.worker_id == 0 and not board.empty:
         columns = ["trial", "state", "val_accuracy", "epochs", "seconds"]

@@ -11,10 +11,12 @@ computed on. The datasets a run trained and was scored on are its inputs (`mnist
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import tempfile
 import time
+import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -25,6 +27,9 @@ import torch
 from mlflow import MlflowClient
 from mlflow.data.dataset import Dataset
 from mlflow.entities import DatasetInput, InputTag, Metric, Param
+
+from mnist_search import retry
+from mnist_search.retry import Retrier
 
 ROLE_TAG = "mnist_search.role"  # study | trial | champion | explore
 STUDY_TAG = "mnist_search.study"
@@ -50,6 +55,17 @@ def _params(params: dict) -> list[Param]:
 # One try with a short timeout: an unreachable server is reported in seconds, not after
 # MLflow's minutes of retries.
 FAIL_FAST = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}
+
+
+# While the command runs, unless the user set them: no MLflow "View run" links for every run
+# ended on a tracking server, and MLflow's own HTTP retries short, so that
+# --store-retry-seconds bounds how long a store may be away.
+QUIET = {
+    "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT": "true",
+    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2",
+    "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+    "MLFLOW_HTTP_REQUEST_TIMEOUT": "30",
+}
 
 
 @contextmanager
@@ -124,9 +140,7 @@ class Run:
         with torch.no_grad():
             signature = infer_signature(x, model(example.float()).numpy())
         params = {k: str(v)[:6000] for k, v in (params or {}).items()}
-        logged = self.client.create_logged_model(
-            self.experiment_id, name=name, source_run_id=self.run_id, params=params
-        )
+        logged = self.client.create_logged_model(self.experiment_id, name, self.run_id, params)
         try:
             with tempfile.TemporaryDirectory() as tmp:
                 mlflow.pytorch.save_model(
@@ -180,18 +194,23 @@ def lifecycle(
     run: Run,
     stopped: dict[type[BaseException], str] | None = None,
     on_failure: Callable[[str], object] | None = None,
+    leave: tuple[type[BaseException], ...] = (),
 ) -> Iterator[Run]:
     """The one way a tracked run ends; every exception propagates.
 
     A clean exit ends it FINISHED (state COMPLETE). KeyboardInterrupt (a Ctrl-C or SIGTERM,
     see `interrupts`) ends it KILLED (INTERRUPTED), and so does an exception of a type in
-    `stopped`, with that type's state (a pruned trial: PRUNED). Any other error ends it FAILED
-    (FAIL) with the tag `fail_reason`, which `on_failure` also receives. The state goes in the
-    run's `state_tag`, if it has one.
+    `stopped`, with that type's state (a pruned trial: PRUNED). An exception of a type in
+    `leave` leaves the run as it is: someone else has ended it. Any other error ends it FAILED
+    (FAIL) with the tag `fail_reason`, which `on_failure` also receives unless the error is a
+    store that stayed away (writing the reason there would only wait again). The state goes in
+    the run's `state_tag`, if it has one.
     """
     stopped = stopped or {}
     try:
         yield run
+    except leave:
+        raise
     except KeyboardInterrupt:
         run.end("KILLED", "INTERRUPTED", "interrupted by the user")
         raise
@@ -201,9 +220,10 @@ def lifecycle(
         raise
     except BaseException as e:
         reason = f"{type(e).__name__}: {e}"
-        if on_failure is not None:
+        if on_failure is not None and not isinstance(e, retry.StoreUnavailable):
             on_failure(reason)
-        run.end("FAILED", "FAIL", reason)
+        if not (isinstance(e, retry.StoreUnavailable) and e.store == TRACKING_STORE):
+            run.end("FAILED", "FAIL", reason)
         raise
     run.end("FINISHED", "COMPLETE")
 
@@ -232,22 +252,118 @@ def experiment_id(client: MlflowClient, name: str) -> str:
         return experiment.experiment_id
 
 
-class StudyTracker:
-    """The MLflow side of one study: its experiment, its parent run and its children."""
+def tracking_away(error: BaseException) -> bool:
+    """A tracking store that is away rather than refusing a request: a refused, dropped or timed
+    out connection, a server answering 5xx (its database restarting), a locked SQLite file."""
+    import requests
 
-    def __init__(self, study_name: str, tracking_uri: str | None = None):
+    if isinstance(error, ConnectionError | TimeoutError | requests.exceptions.RequestException):
+        return True
+    if isinstance(error, mlflow.exceptions.MlflowException):
+        text = str(error)
+        return error.error_code in ("INTERNAL_ERROR", "TEMPORARILY_UNAVAILABLE") or any(
+            sign in text for sign in ("Max retries exceeded", "database is locked")
+        )
+    return False
+
+
+TRACKING_STORE = "MLflow tracking store"
+STOPPED = (
+    "its worker sent no heartbeat for longer than the grace period (it died, or was paused) "
+    "and another worker failed its trial"
+)
+REQUEST_TAG = "mnist_search.request"  # a create's own id: a retry finds what a lost answer made
+
+
+class RetryingClient:
+    """An MlflowClient whose calls are retried while the tracking store is away (`retry`). The
+    calls that create something are tagged with a request id, and a retry first looks for what
+    an earlier try may have made, so nothing is created twice."""
+
+    def __init__(self, client: MlflowClient, retrier: Retrier):
+        self._client, self.retrier = client, retrier
+
+    def __getattr__(self, name: str):
+        attr = getattr(self._client, name)
+        if not callable(attr):
+            return attr
+        return functools.partial(self.retrier, attr)
+
+    def _create_once(self, create, find):
+        """`create()`, and on a retry `find()` first: what the lost answer of an earlier try
+        had made, if it had (None otherwise)."""
+        tries = []
+
+        def attempt():
+            if tries and (found := find()) is not None:
+                return found
+            tries.append(1)
+            return create()
+
+        return self.retrier(attempt)
+
+    def create_run(self, experiment_id: str, run_name: str, tags: dict):
+        request = uuid.uuid4().hex
+        tags = {**tags, REQUEST_TAG: request}
+
+        def find():
+            runs = self._client.search_runs(
+                [experiment_id], f"tags.`{REQUEST_TAG}` = '{request}'", max_results=1
+            )
+            return runs[0] if runs else None
+
+        create = functools.partial(self._client.create_run, experiment_id, run_name=run_name)
+        return self._create_once(functools.partial(create, tags=tags), find)
+
+    def create_logged_model(self, experiment_id: str, name: str, source_run_id: str, params):
+        request = uuid.uuid4().hex
+
+        def find():
+            found = self._client.search_logged_models(
+                [experiment_id], filter_string=f"tags.`{REQUEST_TAG}` = '{request}'"
+            )
+            return found[0] if found else None
+
+        create = functools.partial(
+            self._client.create_logged_model, experiment_id, name=name,
+            source_run_id=source_run_id, params=params, tags={REQUEST_TAG: request},
+        )  # fmt: skip
+        return self._create_once(create, find)
+
+    def create_model_version(self, name: str, source: str, run_id: str, tags: dict, model_id):
+        def find():
+            versions = self._client.search_model_versions(f"name = '{name}'")
+            return next((v for v in versions if v.source == source), None)
+
+        create = functools.partial(
+            self._client.create_model_version, name, source, run_id, tags, model_id=model_id
+        )
+        return self._create_once(create, find)
+
+
+class StudyTracker:
+    """The MLflow side of one study: its experiment, its parent run and its children. Its
+    client retries while the tracking store is away, for `retry_seconds` (`retry`)."""
+
+    def __init__(
+        self, study_name: str, tracking_uri: str | None = None, retry_seconds: float | None = None
+    ):
         self.study_name = study_name
         self.tracking_uri = tracking_uri or mlflow.get_tracking_uri()
         try:
             with env_defaults(FAIL_FAST):
-                self.client = MlflowClient(tracking_uri)
-                self.experiment_id = experiment_id(self.client, study_name)
+                client = MlflowClient(tracking_uri)
+                self.experiment_id = experiment_id(client, study_name)
         except Exception as e:  # noqa: BLE001 - any failure here means the store is unusable
             uri = tracking_uri or mlflow.get_tracking_uri()
             raise TrackingError(
                 f"cannot use the MLflow tracking store {uri!r}: {type(e).__name__}: "
                 f"{str(e)[:300]}. Start the server or fix --tracking-uri / MLFLOW_TRACKING_URI."
             ) from e
+        retrier = Retrier(
+            "MLflow tracking store", tracking_away, retry.retry_seconds(retry_seconds)
+        )
+        self.client = RetryingClient(client, retrier)
         self.parent_id: str | None = None
         self.logged_steps: set[int] = set()  # the parent's series points this process logged
 
@@ -304,10 +420,11 @@ class StudyTracker:
         run.log_params(params)
         return run
 
-    def close_orphans(self, trial_is_running) -> list[str]:
+    def close_orphans(self, trial_is_running, died=lambda number: False) -> list[str]:
         """End as FAILED every trial run still RUNNING whose Optuna trial is not running any
-        more: what a killed process leaves behind. `trial_is_running(number)` asks the study.
-        (A trial is RUNNING before its run is created, so a starting trial is never closed.)"""
+        more: what a killed or paused process leaves behind. `trial_is_running(number)` and
+        `died(number)` (its process is known to be gone) ask the study. (A trial is RUNNING
+        before its run is created, so a starting trial is never closed.)"""
         running = self.client.search_runs(
             [self.experiment_id],
             filter_string=f"tags.`{ROLE_TAG}` = 'trial' and attributes.status = 'RUNNING'",
@@ -316,7 +433,9 @@ class StudyTracker:
         for run in running:
             if trial_is_running(int(run.data.tags["optuna_trial_number"])):
                 continue
-            tags = {"optuna_state": "FAIL", "fail_reason": "process died mid-trial"}
+            number = int(run.data.tags["optuna_trial_number"])
+            reason = "process died mid-trial" if died(number) else STOPPED
+            tags = {"optuna_state": "FAIL", "fail_reason": reason}
             try:
                 for key, value in tags.items():
                     if run.data.tags.get(key) != value:

@@ -49,8 +49,10 @@ def fail_dead_trials(study: optuna.Study, storage, tracker) -> list[int]:
             except optuna.exceptions.UpdateFinishedTrialError:
                 continue  # another worker failed it first
             failed.append(t.number)
-    running = {t.number for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))}
-    tracker.close_orphans(lambda number: number in running)
+    trials = study.get_trials(deepcopy=False)
+    running = {t.number for t in trials if t.state == TrialState.RUNNING}
+    died = {t.number for t in trials if t.user_attrs.get("fail_reason") == "process died"}
+    tracker.close_orphans(running.__contains__, died.__contains__)
     return failed
 
 

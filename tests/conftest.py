@@ -3,17 +3,12 @@ own MLflow store, and a throw-away PostgreSQL cluster. Plain helpers live in hel
 
 from __future__ import annotations
 
-import os
-import pwd
-import shutil
-import subprocess
-import tempfile
 from pathlib import Path
 
 import pytest
 
 from mnist_search import fetch
-from tests.helpers import PG_BIN, REPO, as_postgres, free_port, use_synthetic_mnist
+from tests.helpers import PG_BIN, REPO, Cluster, use_synthetic_mnist
 
 
 @pytest.fixture
@@ -49,27 +44,13 @@ def in_tmp(tmp_path, monkeypatch) -> Path:
 
 @pytest.fixture
 def postgres(tmp_path):
-    """A throw-away cluster on 127.0.0.1 with databases `optuna` and `mlflow`; yields its URL."""
+    """A throw-away cluster on 127.0.0.1 with databases `optuna` and `mlflow`; yields its URL, a
+    Cluster that can also `.stop()` and `.start()`."""
     if PG_BIN is None:
         pytest.skip("PostgreSQL server binaries not found: apt-get install postgresql")
     pytest.importorskip("psycopg", reason="pip install -e '.[postgres]'")
-    root = Path(tempfile.mkdtemp(prefix="mnist-search-pg-"))  # outside pytest's 0700 folders
-    if os.geteuid() == 0:
-        user = pwd.getpwnam("postgres")
-        os.chown(root, user.pw_uid, user.pw_gid)
-    data, port = root / "data", free_port()
-    run = lambda cmd: subprocess.run(as_postgres(cmd), check=True, capture_output=True)  # noqa: E731
-    run([f"{PG_BIN}/initdb", "-D", str(data), "-A", "trust", "-U", "postgres"])
-    options = f"-p {port} -k {root} -c listen_addresses=127.0.0.1 -c max_connections=200"
-    run(
-        [f"{PG_BIN}/pg_ctl", "-D", str(data), "-o", options, "-l", str(root / "log"), "-w", "start"]
-    )
+    cluster = Cluster.create()
     try:
-        for db in ("optuna", "mlflow"):
-            run([f"{PG_BIN}/createdb", "-h", "127.0.0.1", "-p", str(port), "-U", "postgres", db])
-        yield f"postgresql://postgres@127.0.0.1:{port}"
+        yield cluster
     finally:
-        subprocess.run(
-            as_postgres([f"{PG_BIN}/pg_ctl", "-D", str(data), "-m", "immediate", "stop"])
-        )
-        shutil.rmtree(root, ignore_errors=True)
+        cluster.destroy()

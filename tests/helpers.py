@@ -6,7 +6,13 @@ from __future__ import annotations
 
 import glob
 import os
+import pwd
+import shutil
+import signal
 import socket
+import subprocess
+import sys
+import tempfile
 import time
 import urllib.request
 from pathlib import Path
@@ -120,6 +126,7 @@ def add_earlier_cnn_trial(study) -> None:
 WRAPPER = """
 import signal
 import sys
+import tempfile
 import time
 
 # These tests signal this process: start it as a terminal would, whatever the suite inherited
@@ -179,3 +186,81 @@ def band_data(n=600) -> Data:
     cpu = torch.device("cpu")
     train = to_split(images[:500], labels[:500], mean, std, cpu)
     return Data(train, to_split(images[500:], labels[500:], mean, std, cpu), mean, std)
+
+
+# --- servers on loopback: PostgreSQL and the MLflow tracking server, restartable -----------
+
+
+class Cluster(str):
+    """A throw-away PostgreSQL cluster on 127.0.0.1 with databases `optuna` and `mlflow`: its
+    URL, which can also stop and start the cluster (a restart) and destroy it."""
+
+    @classmethod
+    def create(cls, max_connections: int = 200) -> Cluster:
+        root = Path(tempfile.mkdtemp(prefix="mnist-search-pg-"))  # outside pytest's 0700 dirs
+        if os.geteuid() == 0:
+            user = pwd.getpwnam("postgres")
+            os.chown(root, user.pw_uid, user.pw_gid)
+        data, port = root / "data", free_port()
+        run = lambda cmd: subprocess.run(as_postgres(cmd), check=True, capture_output=True)  # noqa: E731
+        run([f"{PG_BIN}/initdb", "-D", str(data), "-A", "trust", "-U", "postgres"])
+        options = f"-p {port} -k {root} -c listen_addresses=127.0.0.1"
+        options += f" -c max_connections={max_connections}"
+        cluster = cls(f"postgresql://postgres@127.0.0.1:{port}").control(
+            data, options, root / "log"
+        )
+        cluster.root = root
+        cluster.start()
+        for db in ("optuna", "mlflow"):
+            run([f"{PG_BIN}/createdb", "-h", "127.0.0.1", "-p", str(port), "-U", "postgres", db])
+        return cluster
+
+    def destroy(self) -> None:
+        self._pg_ctl_unchecked("-m", "immediate", "stop")
+        shutil.rmtree(self.root, ignore_errors=True)
+
+    def control(self, data: Path, options: str, log: Path):
+        command = lambda *args: as_postgres([f"{PG_BIN}/pg_ctl", "-D", str(data), *args])  # noqa: E731
+        self._pg_ctl = lambda *a: subprocess.run(command(*a), check=True, capture_output=True)
+        self._pg_ctl_unchecked = lambda *a: subprocess.run(command(*a), capture_output=True)
+        self._start = ["-o", options, "-l", str(log), "-w", "start"]
+        return self
+
+    def stop(self) -> None:
+        self._pg_ctl("-m", "fast", "-w", "stop")  # every session is disconnected
+
+    def start(self) -> None:
+        self._pg_ctl(*self._start)
+
+
+class TrackingServer:
+    """`mlflow server` on a loopback port, backed by PostgreSQL, serving artifacts itself; it
+    can be stopped and started again on the same port (a restart)."""
+
+    def __init__(self, postgres: str, folder):
+        self.port, self.folder = free_port(), folder
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.cmd = [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1"]
+        self.cmd += ["--port", str(self.port), "--workers", "1"]
+        self.cmd += ["--backend-store-uri", f"{postgres}/mlflow"]
+        self.cmd += ["--artifacts-destination", str(folder / "artifacts")]
+        self.server = None
+
+    def start(self) -> None:
+        log = self.folder / "mlflow-server.log"
+        with open(log, "a") as out:  # a file, not a pipe: a full pipe would stall the server
+            self.server = subprocess.Popen(
+                self.cmd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+            )
+        wait_for_http(f"{self.url}/health", self.server, 600, log.read_text)  # the first start
+        # migrates the database; 600 s bounds a hang only
+
+    def stop(self) -> None:
+        try:
+            os.killpg(self.server.pid, signal.SIGTERM)  # the server and its uvicorn workers
+            self.server.wait(timeout=20)
+        except ProcessLookupError:  # it had already exited
+            pass
+        except subprocess.TimeoutExpired:
+            os.killpg(self.server.pid, signal.SIGKILL)
+            self.server.wait()

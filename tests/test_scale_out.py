@@ -16,11 +16,11 @@ import optuna
 import pytest
 from mlflow import MlflowClient
 
+from mnist_search.storage import open_storage
 from tests.helpers import (
+    TrackingServer,
     assert_parent_series,
     every_worker_gets_a_trial,
-    free_port,
-    wait_for_http,
     wrapper,
 )
 
@@ -29,27 +29,12 @@ pytestmark = [pytest.mark.postgres, pytest.mark.slow]
 
 @pytest.fixture
 def mlflow_server(postgres, tmp_path):
-    """`mlflow server` backed by the cluster, serving artifacts itself; yields its URL."""
-    port = free_port()
-    cmd = [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port)]
-    cmd += ["--backend-store-uri", f"{postgres}/mlflow", "--workers", "1"]
-    cmd += ["--artifacts-destination", str(tmp_path / "artifacts")]
-    log = open(tmp_path / "mlflow-server.log", "w")
-    server = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
+    server = TrackingServer(postgres, tmp_path)
+    server.start()
     try:
-        # the first start migrates the database
-        wait_for_http(f"{url}/health", server, 600, (tmp_path / "mlflow-server.log").read_text)
-        yield url
+        yield server
     finally:
-        try:
-            os.killpg(server.pid, signal.SIGTERM)  # the server and its uvicorn workers
-            server.wait(timeout=20)
-        except ProcessLookupError:  # it had already exited
-            pass
-        except subprocess.TimeoutExpired:
-            os.killpg(server.pid, signal.SIGKILL)
-        log.close()
+        server.stop()
 
 
 # Hooks that make the kill land mid-trial, with work left to do, however loaded the machine:
@@ -89,7 +74,7 @@ def test_three_workers_on_postgres_and_a_tracking_server(
     flags = ["--data-dir", str(synthetic_mnist), "--storage", storage_url, "--study-name", "scale"]
     flags += ["--trials", "9", "--epochs", "20", "--pruner", "none", "--device", "cpu"]
     flags += ["--no-champion"]
-    env = {**os.environ, "MLFLOW_TRACKING_URI": mlflow_server}
+    env = {**os.environ, "MLFLOW_TRACKING_URI": mlflow_server.url}
     workers = []
     for role in (VICTIM, SURVIVOR, SURVIVOR):
         script = tmp_path / f"worker{len(workers)}.py"
@@ -121,9 +106,11 @@ def test_three_workers_on_postgres_and_a_tracking_server(
         workers[0].kill()
         workers[0].communicate()
         (tmp_path / "victim-killed").touch()
+        logs = []  # the survivors' stderr, to say why a trial failed
         for w in workers[1:]:
             _, err = w.communicate(timeout=600)
             assert w.returncode == 0, err
+            logs.append(err[-3000:])
     finally:
         for w in workers:
             if w.poll() is None:
@@ -138,10 +125,11 @@ def test_three_workers_on_postgres_and_a_tracking_server(
     assert study.trials[victim.number].state.name == "FAIL"
     assert study.trials[victim.number].user_attrs["fail_reason"] == "process died"
     others = [t for t in study.trials if t.state.name == "FAIL" and t.number != victim.number]
-    assert all(t.user_attrs.get("over_budget") for t in others)  # given back, not failed
+    given_back = all(t.user_attrs.get("over_budget") for t in others)  # given back, not failed
+    assert given_back, (victim.number, [(t.number, t.user_attrs) for t in others], logs)
     assert len({t.user_attrs["pid"] for t in study.trials}) == 3
 
-    client = MlflowClient(mlflow_server)
+    client = MlflowClient(mlflow_server.url)
     exp = client.get_experiment_by_name("scale")
     parents = client.search_runs([exp.experiment_id], "tags.`mnist_search.role` = 'study'")
     assert len(parents) == 1
@@ -161,3 +149,204 @@ def test_three_workers_on_postgres_and_a_tracking_server(
             assert {f.path for f in files} == {"model/weights.pt", "model/config.json"}
     for t in others:
         assert status[t.user_attrs["mlflow_run_id"]] == "KILLED"
+
+
+# --- store outages and a frozen worker, each forced at a chosen point ---------------------------
+
+
+def wait_for_file(path, procs, limit=600):
+    """Until `path` exists; fail if a process in `procs` exits first (`limit` bounds a hang)."""
+    deadline = time.monotonic() + limit
+    while not path.exists():
+        for proc in procs:
+            assert proc.poll() is None, proc.communicate()
+        assert time.monotonic() < deadline, f"{path.name} never appeared"
+        time.sleep(0.2)
+
+
+def start_worker(tmp_path, synthetic_mnist, storage, hooks, *flags, tracking=None):
+    (tmp_path / "worker.py").write_text(wrapper(hooks))
+    cmd = [sys.executable, str(tmp_path / "worker.py"), "--data-dir", str(synthetic_mnist)]
+    cmd += ["--storage", storage, "--device", "cpu", "--no-champion", "--pruner", "none", *flags]
+    uri = tracking or f"sqlite:///{tmp_path}/mlflow.db"
+    env = {**os.environ, "MLFLOW_TRACKING_URI": uri}
+    pipe = subprocess.PIPE
+    return subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=pipe, stderr=pipe, text=True)
+
+
+def assert_whole(study, client, trials: int, failed: int = 0) -> None:
+    """`trials` finished, `failed` FAIL, none RUNNING; one finished MLflow run per trial."""
+    states = [t.state.name for t in study.trials]
+    assert states.count("COMPLETE") + states.count("PRUNED") == trials, states
+    assert states.count("FAIL") == failed and "RUNNING" not in states, states
+    exp = client.get_experiment_by_name(study.study_name)
+    runs = client.search_runs([exp.experiment_id], "tags.`mnist_search.role` = 'trial'")
+    assert sorted(r.info.run_id for r in runs) == sorted(
+        t.user_attrs["mlflow_run_id"] for t in study.trials
+    )
+    assert not [r for r in runs if r.info.status == "RUNNING"]
+    parents = client.search_runs([exp.experiment_id], "tags.`mnist_search.role` = 'study'")
+    assert [p.info.status for p in parents] == ["FINISHED"]
+
+
+# The worker's first epoch report waits, once, until the test has taken the database down: the
+# write then meets a stopped server, and goes through once it is back.
+REPORT_MEETS_A_STOPPED_DATABASE = """
+import pathlib
+from mnist_search import rdb
+_report = rdb.RetryingRDBStorage.set_trial_intermediate_value
+def set_trial_intermediate_value(self, *args):
+    if not pathlib.Path("report-waiting").exists():
+        pathlib.Path("report-waiting").touch()
+        deadline = time.monotonic() + 600
+        while not pathlib.Path("db-down").exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+    return _report(self, *args)
+rdb.RetryingRDBStorage.set_trial_intermediate_value = set_trial_intermediate_value
+"""
+
+
+def test_a_database_restart_during_an_epoch_report_costs_no_trial(
+    postgres, tmp_path, synthetic_mnist
+):
+    storage = f"{postgres}/optuna"
+    flags = ["--study-name", "outage", "--trials", "3", "--epochs", "3", "--space", "mlp"]
+    hook = REPORT_MEETS_A_STOPPED_DATABASE
+    worker = start_worker(tmp_path, synthetic_mnist, storage, hook, *flags)
+    wait_for_file(tmp_path / "report-waiting", [worker])
+    postgres.stop()
+    (tmp_path / "db-down").touch()
+    time.sleep(5)  # the report is being retried against a stopped server
+    postgres.start()
+    _, err = worker.communicate(timeout=600)
+    assert worker.returncode == 0, err
+    assert "the Optuna storage (database) is unreachable" in err and "Traceback" not in err
+    study = optuna.load_study(study_name="outage", storage=storage)
+    assert_whole(study, MlflowClient(f"sqlite:///{tmp_path}/mlflow.db"), trials=3)
+    first = study.trials[0]
+    assert sorted(first.intermediate_values) == [1, 2, 3]  # the report landed, once
+
+    # away for longer than --store-retry-seconds: the trial fails with one line naming the
+    # store, the worker exits 75, and a rerun completes the study
+    for marker in ("report-waiting", "db-down"):
+        (tmp_path / marker).unlink()
+    flags[flags.index("--trials") + 1] = "4"
+    away = start_worker(
+        tmp_path, synthetic_mnist, storage, hook, *flags, "--store-retry-seconds", "3"
+    )
+    wait_for_file(tmp_path / "report-waiting", [away])
+    postgres.stop()
+    (tmp_path / "db-down").touch()
+    _, err = away.communicate(timeout=600)
+    postgres.start()
+    assert away.returncode == 75, err
+    (line,) = [line for line in err.splitlines() if line.startswith("error: ")]
+    assert line.startswith("error: the Optuna storage (database) did not answer for 3 s (")
+    assert "--store-retry-seconds" in line and "Traceback" not in err
+    stranded = optuna.load_study(study_name="outage", storage=storage).trials[3]
+    run = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db").get_run(
+        stranded.user_attrs["mlflow_run_id"]
+    )
+    assert run.info.status == "FAILED" and "did not answer" in run.data.tags["fail_reason"]
+    rerun = start_worker(tmp_path, synthetic_mnist, storage, "", *flags)
+    _, err = rerun.communicate(timeout=600)
+    assert rerun.returncode == 0, err
+    study = optuna.load_study(study_name="outage", storage=storage)
+    assert_whole(study, MlflowClient(f"sqlite:///{tmp_path}/mlflow.db"), trials=4, failed=1)
+    assert study.trials[3].user_attrs["fail_reason"] == "process died"  # found by the rerun
+
+
+# The worker's first metrics of epoch 1 wait, once, until the tracking server is down.
+LOG_MEETS_A_STOPPED_SERVER = """
+import pathlib
+from mnist_search import tracking
+_log_metrics = tracking.Run.log_metrics
+def log_metrics(self, metrics, step=0):
+    if step == 1 and not pathlib.Path("log-waiting").exists():
+        pathlib.Path("log-waiting").touch()
+        deadline = time.monotonic() + 600
+        while not pathlib.Path("tracking-down").exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+    return _log_metrics(self, metrics, step)
+tracking.Run.log_metrics = log_metrics
+"""
+
+
+def test_a_tracking_server_restart_during_a_trial_costs_no_trial(
+    postgres, mlflow_server, tmp_path, synthetic_mnist
+):
+    storage = f"{postgres}/optuna"
+    flags = ["--study-name", "blink", "--trials", "2", "--epochs", "3", "--space", "mlp"]
+    worker = start_worker(
+        tmp_path, synthetic_mnist, storage, LOG_MEETS_A_STOPPED_SERVER, *flags,
+        tracking=mlflow_server.url,
+    )  # fmt: skip
+    wait_for_file(tmp_path / "log-waiting", [worker])
+    mlflow_server.stop()
+    (tmp_path / "tracking-down").touch()
+    time.sleep(5)  # the epoch's metrics are being retried against a stopped server
+    mlflow_server.start()
+    out, err = worker.communicate(timeout=600)
+    assert worker.returncode == 0, err
+    assert "the MLflow tracking store is unreachable" in err and "Traceback" not in err
+    assert "View run" not in out + err  # one line per event, none per run
+    study = optuna.load_study(study_name="blink", storage=storage)
+    client = MlflowClient(mlflow_server.url)
+    assert_whole(study, client, trials=2)
+    run_id = study.trials[0].user_attrs["mlflow_run_id"]
+    assert [m.step for m in client.get_metric_history(run_id, "val_accuracy")] == [1, 2, 3]
+
+
+# Heartbeats every second, a trial without one for 3 s is stale; the worker's first epoch hook
+# waits (where the test freezes it) until the test says it may go on.
+FREEZES_MID_TRIAL = """
+import pathlib
+from mnist_search import storage, train
+storage.HEARTBEAT = (1, 3)
+_fit = train.fit
+def fit(config, data, device="cpu", on_epoch_end=None, cuda_graphs=True):
+    def hold_once(epoch, metrics, model):
+        if not pathlib.Path("frozen-here").exists():
+            pathlib.Path("frozen-here").touch()
+            deadline = time.monotonic() + 600
+            while not pathlib.Path("go-on").exists() and time.monotonic() < deadline:
+                time.sleep(0.05)
+        return on_epoch_end(epoch, metrics, model)
+    return _fit(config, data, device, hold_once, cuda_graphs)
+train.fit = fit
+"""
+
+
+def test_a_worker_frozen_past_the_grace_period_says_so_and_goes_on(
+    postgres, tmp_path, synthetic_mnist
+):
+    """SIGSTOP mid-trial; the test then does what every other worker does before each trial
+    (`optuna.storages.fail_stale_trials`) once the heartbeat is stale; SIGCONT. The frozen
+    worker must not write into the trial that was failed, nor crash: one line, then the rest of
+    the budget."""
+    storage = f"{postgres}/optuna"
+    flags = ["--study-name", "frozen", "--trials", "3", "--epochs", "2", "--space", "mlp"]
+    worker = start_worker(tmp_path, synthetic_mnist, storage, FREEZES_MID_TRIAL, *flags)
+    wait_for_file(tmp_path / "frozen-here", [worker])
+    worker.send_signal(signal.SIGSTOP)
+    other = open_storage(storage)
+    study = optuna.load_study(study_name="frozen", storage=other)
+    deadline = time.monotonic() + 600  # bounds a hang only
+    while study.trials[0].state.name == "RUNNING":
+        assert time.monotonic() < deadline
+        time.sleep(1)
+        optuna.storages.fail_stale_trials(study)  # as another worker's next trial would
+    (tmp_path / "go-on").touch()
+    worker.send_signal(signal.SIGCONT)
+    _, err = worker.communicate(timeout=600)
+    assert worker.returncode == 0, err
+    assert "Traceback" not in err
+    assert err.count("another worker failed it while this process was paused") == 1
+    study = optuna.load_study(study_name="frozen", storage=storage)
+    frozen = study.trials[0]
+    assert frozen.state.name == "FAIL" and not frozen.intermediate_values  # nothing written
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    assert_whole(study, client, trials=3, failed=1)
+    run = client.get_run(frozen.user_attrs["mlflow_run_id"])
+    assert run.info.status == "FAILED" and "no heartbeat" in run.data.tags["fail_reason"]
+    assert not client.get_metric_history(run.info.run_id, "val_accuracy")  # not written into

@@ -205,6 +205,8 @@ STUDY_ERROR = "python -m mnist_search.study: error: "
         (["--trials", "x"], "argument --trials: invalid int value: 'x'"),
         (["--epochs", "-1"], "--epochs must be at least 1"),
         (["--workers", "0"], "--workers must be at least 1"),
+        (["--workers", "100000"], "--workers 100000 needs about"),
+        (["--store-retry-seconds", "-1"], "--store-retry-seconds must be 0 or more, not -1"),
         (["--ensemble", "0"], "--ensemble must be at least 1"),
         (["--retrain-epochs", "0"], "--retrain-epochs must be at least 1"),
         (["--seeds", "0"], "--seeds must be at least 1, not 0"),
