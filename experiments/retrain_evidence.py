@@ -11,14 +11,19 @@ is never read. The members were picked on these validation images, which flatter
 alike: compare rows, not the absolute figures. `--seeds N` repeats each row with N seeds (the
 study's seed, + 1, ...).
 
-Prints one row per E and seed: the members' mean validation accuracy, the ensemble of the best
-k for k = 1..K, and the seconds the K trainings took.
+`--variant` measures training levers on the same members: each value is a row set of
+TrainConfig fields given to every member, e.g. `--variant base ema=0.999 elastic=0.5,shear=0.5`
+(`base`: the members as the study found them).
+
+Prints one row per variant, E and seed: the members' mean validation accuracy, the ensemble of
+the best k for k = 1..K, and the seconds the K trainings took.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import itertools
 import sys
 import time
 
@@ -31,7 +36,7 @@ from mnist_search.fetch import default_data_dir
 from mnist_search.space import DEFAULT_SPACE, default_name
 from mnist_search.storage import DEFAULT_STORAGE
 from mnist_search.studies import BadInput, open_existing
-from mnist_search.train import fit, predict_logits
+from mnist_search.train import TrainConfig, fit, predict_logits
 
 
 def scores(configs, data, device) -> tuple[float, list[float]]:
@@ -46,6 +51,21 @@ def scores(configs, data, device) -> tuple[float, list[float]]:
     return sum(map(right, probs)) / len(probs), together
 
 
+def variant(text: str) -> dict:
+    """'ema=0.999,elastic=0.5' -> {'ema': 0.999, 'elastic': 0.5}; 'base' -> {}."""
+    if text == "base":
+        return {}
+    fields = {f.name: f.type for f in dataclasses.fields(TrainConfig)}
+    changes = {}
+    for item in text.split(","):
+        key, _, value = item.partition("=")
+        if key not in fields or not value:
+            raise argparse.ArgumentTypeError(f"{item!r}: use FIELD=VALUE with a TrainConfig field")
+        kind = {"str": str, "int": int}.get(str(fields[key]), float)
+        changes[key] = kind(value)
+    return changes
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--study-name", default=default_name(DEFAULT_SPACE))
@@ -54,6 +74,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--epochs", type=int, nargs="+", default=[5, 10], help="retrain lengths")
     p.add_argument("--k", type=int, default=6, help="members, as --ensemble")
     p.add_argument("--seeds", type=int, default=1, help="seeds per row")
+    p.add_argument("--variant", type=variant, nargs="+", default=[{}], help="levers, see above")
     p.add_argument("--device", default="cpu")
     add_data_dir_flag(p)
     args = p.parse_args(argv)
@@ -68,18 +89,20 @@ def main(argv: list[str] | None = None) -> int:
     numbers = ", ".join(str(t.number) for t in members)
     print(f"study {args.study_name}: members {numbers}; {len(data.val)} validation images")
     ks = " | ".join(f"K={k}" for k in range(1, len(members) + 1))
-    print(f"epochs | seed | members' mean validation accuracy | {ks} | seconds")
-    for epochs in args.epochs:
-        for offset in range(args.seeds):
+    print(f"variant | epochs | seed | members' mean validation accuracy | {ks} | seconds")
+    for changes in args.variant:
+        name = ",".join(f"{k}={v}" for k, v in changes.items()) or "base"
+        for epochs, offset in itertools.product(args.epochs, range(args.seeds)):
             configs = [
-                dataclasses.replace(c, seed=c.seed + offset)
+                dataclasses.replace(c, **changes, seed=c.seed + offset)
                 for c in retrain_configs(study, members, epochs)
             ]
             start = time.perf_counter()
             alone, together = scores(configs, data, args.device)
             seconds = time.perf_counter() - start
             ensembles = " | ".join(f"{a:.4f}" for a in together)
-            print(f"{epochs} | {configs[0].seed} | {alone:.4f} | {ensembles} | {seconds:.0f}")
+            row = f"{epochs} | {configs[0].seed} | {alone:.4f} | {ensembles} | {seconds:.0f}"
+            print(f"{name} | {row}", flush=True)
     return 0
 
 

@@ -11,12 +11,13 @@ import signal
 import subprocess
 import sys
 import time
+import warnings
 
 import optuna
 import pytest
 from mlflow import MlflowClient
 
-from mnist_search.storage import open_storage
+from mnist_search import storage as mstorage
 from tests.helpers import (
     TrackingServer,
     assert_parent_series,
@@ -318,7 +319,7 @@ train.fit = fit
 
 
 def test_a_worker_frozen_past_the_grace_period_says_so_and_goes_on(
-    postgres, tmp_path, synthetic_mnist
+    postgres, tmp_path, synthetic_mnist, monkeypatch
 ):
     """SIGSTOP mid-trial; the test then does what every other worker does before each trial
     (`optuna.storages.fail_stale_trials`) once the heartbeat is stale; SIGCONT. The frozen
@@ -329,13 +330,16 @@ def test_a_worker_frozen_past_the_grace_period_says_so_and_goes_on(
     worker = start_worker(tmp_path, synthetic_mnist, storage, FREEZES_MID_TRIAL, *flags)
     wait_for_file(tmp_path / "frozen-here", [worker])
     worker.send_signal(signal.SIGSTOP)
-    other = open_storage(storage)
+    monkeypatch.setattr(mstorage, "HEARTBEAT", (1, 3))  # the grace period the worker has
+    other = mstorage.open_storage(storage)
     study = optuna.load_study(study_name="frozen", storage=other)
     deadline = time.monotonic() + 600  # bounds a hang only
     while study.trials[0].state.name == "RUNNING":
         assert time.monotonic() < deadline
         time.sleep(1)
-        optuna.storages.fail_stale_trials(study)  # as another worker's next trial would
+        with warnings.catch_warnings():  # experimental since Optuna 2.9
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            optuna.storages.fail_stale_trials(study)  # as another worker's next trial would
     (tmp_path / "go-on").touch()
     worker.send_signal(signal.SIGCONT)
     _, err = worker.communicate(timeout=600)
