@@ -13,6 +13,9 @@ does not do.
 
 from __future__ import annotations
 
+import random
+import time
+
 import optuna
 import sqlalchemy.exc
 from optuna.storages import RDBStorage
@@ -34,6 +37,15 @@ CALLS = (
 DISCONNECTS = (sqlalchemy.exc.OperationalError, sqlalchemy.exc.InterfaceError)
 
 
+def creating_together(error: BaseException) -> bool:
+    """Another worker creating the schema at the same instant (workers started together on a new
+    database): Optuna's CREATE of a type or table, or its stamp of the schema's version, that
+    the other's has just made. A second try finds it and goes on."""
+    schema = (sqlalchemy.exc.IntegrityError, sqlalchemy.exc.ProgrammingError)
+    signs = ("already exists", "duplicate key value")
+    return isinstance(error, schema) and any(sign in str(error) for sign in signs)
+
+
 def database_away(error: BaseException) -> bool:
     """A lost or refused connection (a restart, a failover), not a bad request."""
     while error is not None:
@@ -50,7 +62,13 @@ class RetryingRDBStorage(RDBStorage):
     def __init__(self, url: str, retry_seconds: float, **kwargs):
         self.retrier = Retrier("Optuna storage (database)", database_away, retry_seconds)
         kwargs.setdefault("engine_kwargs", {"pool_pre_ping": True})  # drop dead connections
-        super().__init__(url, **kwargs)
+        for attempt in range(1, 11):
+            try:  # connects (retried while away), creates the schema if need be
+                return self.retrier(super().__init__, url, **kwargs)
+            except (sqlalchemy.exc.IntegrityError, sqlalchemy.exc.ProgrammingError) as e:
+                if not creating_together(e) or attempt == 10:
+                    raise
+                time.sleep(random.uniform(0.1, 0.5))  # apart from the others doing the same
 
     def set_trial_state_values(self, trial_id, state, values=None):
         def already_set(error: BaseException) -> bool:  # a lost answer, not another worker

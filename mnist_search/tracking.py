@@ -455,8 +455,21 @@ class StudyTracker:
         new = [point for point in points if point[0] not in self.logged_steps]
         batch = [Metric(k, float(v), ms, step) for step, ms, vals in new for k, v in vals.items()]
         for i in range(0, len(batch), 1000):  # MLflow's limit per log_batch
-            self.client.log_batch(self.parent_id, metrics=batch[i : i + 1000])
+            self._log_shared(batch[i : i + 1000])
         self.logged_steps.update(step for step, _, _ in new)
+
+    def _log_shared(self, batch: list[Metric], tries: int = 5) -> None:
+        """log_batch of points other workers may be logging at the same instant: the store's
+        check for existing points and its insert are not one step, so two identical inserts can
+        collide on its unique key; a second try finds the other's copy and skips it."""
+        for attempt in range(1, tries + 1):
+            try:
+                return self.client.log_batch(self.parent_id, metrics=batch)
+            except mlflow.exceptions.MlflowException as e:
+                collided = any(s in str(e) for s in ("duplicate key value", "UNIQUE constraint"))
+                if not collided or attempt == tries:
+                    raise
+                time.sleep(0.2 * attempt)
 
     def log_parent_metrics(self, metrics: dict[str, float]) -> None:
         """Single-valued metrics on the parent run (the latest value is the one shown)."""
