@@ -9,10 +9,10 @@ start as several machines would start them, commands of `--workers 4` (fewer for
 on the MLP space with pruning off. Meanwhile it polls `pg_stat_activity` for the number of
 database connections, and every worker's /proc/PID/smaps_rollup for its private (unshared) and
 proportional (PSS) memory. Prints one row per count: trials finished, failed, given back (over
-budget) and running, the seconds per finished trial spent in Optuna storage calls and in MLflow
-calls (the trials' user attributes `storage_seconds` and `tracking_seconds`, retries included),
-the peak connections, each worker's peak private and PSS memory (mean and max), and the wall
-time.
+budget) and running, the parent and trial runs in MLflow (and any left RUNNING), the seconds per
+finished trial spent in Optuna storage calls and in MLflow calls (the trials' user attributes
+`storage_seconds` and `tracking_seconds`, retries included), the peak connections, each worker's
+peak private and PSS memory (mean and max), and the wall time.
 """
 
 from __future__ import annotations
@@ -33,6 +33,7 @@ sys.path.insert(0, str(ROOT))  # tests/helpers.py: the cluster, the server, the 
 import optuna  # noqa: E402
 import psutil  # noqa: E402
 import psycopg  # noqa: E402
+from mlflow import MlflowClient  # noqa: E402
 
 from mnist_search import fetch  # noqa: E402
 from tests.helpers import Cluster, TrackingServer, wrapper, write_synthetic_mnist  # noqa: E402
@@ -119,6 +120,10 @@ def measure(workers: int, trials: int, epochs: int, folder: Path) -> dict:
                 print(f"--- a command exited {code}:\n{err[-4000:]}", file=sys.stderr)
         study = optuna.load_study(study_name="scale", storage=f"{cluster}/optuna")
         finished = [t for t in study.trials if t.state.name == "COMPLETE"]
+        client = MlflowClient(server.url)
+        experiment = client.get_experiment_by_name("scale").experiment_id
+        runs = client.search_runs([experiment], max_results=5000)
+        role = lambda r: r.data.tags.get("mnist_search.role")  # noqa: E731
         private = [m[0] for m in watch.memory.values()]
         pss = [m[1] for m in watch.memory.values()]
         return {
@@ -133,6 +138,11 @@ def measure(workers: int, trials: int, epochs: int, folder: Path) -> dict:
                 ),
                 sum(bool(t.user_attrs.get("over_budget")) for t in study.trials),
                 sum(t.state.name == "RUNNING" for t in study.trials),
+            ),
+            "parent runs / trial runs / runs RUNNING": (
+                sum(role(r) == "study" for r in runs),
+                sum(role(r) == "trial" for r in runs),
+                sum(r.info.status == "RUNNING" for r in runs),
             ),
             "storage s/trial": statistics.mean(t.user_attrs["storage_seconds"] for t in finished),
             "tracking s/trial": statistics.mean(t.user_attrs["tracking_seconds"] for t in finished),
