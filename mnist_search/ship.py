@@ -256,8 +256,7 @@ def ship(
     if extra:
         run.log_metrics(extra)
     card.metrics |= extra  # in metrics.json and the version's description
-    metrics = card.metrics
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    (out / "metrics.json").write_text(json.dumps(card.metrics, indent=2))
     run.log_artifacts(out, "export")
     interrupts.check()
     version, alias = register(run, model, card, test_images, linked)

@@ -431,9 +431,9 @@ class StudyTracker:
         )
         closed = []
         for run in running:
-            if trial_is_running(int(run.data.tags["optuna_trial_number"])):
-                continue
             number = int(run.data.tags["optuna_trial_number"])
+            if trial_is_running(number):
+                continue
             reason = "process died mid-trial" if died(number) else STOPPED
             tags = {"optuna_state": "FAIL", "fail_reason": reason}
             try:

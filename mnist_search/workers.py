@@ -13,6 +13,8 @@ from optuna.trial import TrialState
 
 from mnist_search import interrupts
 
+DIED = "process died"  # the fail_reason of a trial whose worker process is gone
+
 
 def spawn(command: list[str], workers: int) -> list[subprocess.Popen]:
     """Start workers 1..N-1, each running `command` plus its `--worker-id`."""
@@ -44,14 +46,14 @@ def fail_dead_trials(study: optuna.Study, storage, tracker) -> list[int]:
         host, pid = t.user_attrs.get("host"), t.user_attrs.get("pid")
         if host == socket.gethostname() and pid is not None and not _alive(pid):
             try:
-                storage.set_trial_user_attr(t._trial_id, "fail_reason", "process died")
+                storage.set_trial_user_attr(t._trial_id, "fail_reason", DIED)
                 storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
             except optuna.exceptions.UpdateFinishedTrialError:
                 continue  # another worker failed it first
             failed.append(t.number)
     trials = study.get_trials(deepcopy=False)
     running = {t.number for t in trials if t.state == TrialState.RUNNING}
-    died = {t.number for t in trials if t.user_attrs.get("fail_reason") == "process died"}
+    died = {t.number for t in trials if t.user_attrs.get("fail_reason") == DIED}
     tracker.close_orphans(running.__contains__, died.__contains__)
     return failed
 
