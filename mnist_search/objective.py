@@ -106,11 +106,11 @@ def make_objective(
                   "precision": forward_precision(config, device)}  # fmt: skip
         run = tracker.start_trial(trial.number, params)
         trial.set_user_attr("mlflow_run_id", run.run_id)
-        if datasets:
-            run.log_datasets(datasets)
         failed = lambda reason: trial.set_user_attr("fail_reason", reason)  # noqa: E731
         taken_over = (optuna.exceptions.UpdateFinishedTrialError,)  # its run is not ours now
         with lifecycle(run, {optuna.TrialPruned: "PRUNED"}, failed, leave=taken_over):
+            if datasets:
+                run.log_datasets(datasets)
             return train(trial, config, run)
 
     def log_checkpoint(trial: optuna.Trial, config, run, best: dict) -> str:

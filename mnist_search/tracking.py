@@ -120,7 +120,8 @@ class Run:
             DatasetInput(d._to_mlflow_entity(), [InputTag(DATASET_CONTEXT, context)])
             for context, d in datasets.items()
         ]
-        self._timed(self.client.log_inputs, self.run_id, datasets=inputs)
+        log = functools.partial(self.client.log_inputs, self.run_id, datasets=inputs)
+        self._timed(retry_collisions, log)  # other workers' first trials log the same ones
 
     def log_model(
         self, model: torch.nn.Module, name: str, step: int, example: torch.Tensor,
@@ -273,6 +274,21 @@ STOPPED = (
     "and another worker failed its trial"
 )
 REQUEST_TAG = "mnist_search.request"  # a create's own id: a retry finds what a lost answer made
+
+
+def retry_collisions(call, tries: int = 5):
+    """`call()`, which inserts what other workers may be inserting at the same instant (the same
+    metric points, the same datasets): the store checks for an existing row and inserts in two
+    steps, so two identical inserts can collide on its unique key; a second try finds the
+    other's copy and skips it."""
+    for attempt in range(1, tries + 1):
+        try:
+            return call()
+        except mlflow.exceptions.MlflowException as e:
+            collided = any(s in str(e) for s in ("duplicate key value", "UNIQUE constraint"))
+            if not collided or attempt == tries:
+                raise
+            time.sleep(0.2 * attempt)
 
 
 class RetryingClient:
@@ -458,18 +474,9 @@ class StudyTracker:
             self._log_shared(batch[i : i + 1000])
         self.logged_steps.update(step for step, _, _ in new)
 
-    def _log_shared(self, batch: list[Metric], tries: int = 5) -> None:
-        """log_batch of points other workers may be logging at the same instant: the store's
-        check for existing points and its insert are not one step, so two identical inserts can
-        collide on its unique key; a second try finds the other's copy and skips it."""
-        for attempt in range(1, tries + 1):
-            try:
-                return self.client.log_batch(self.parent_id, metrics=batch)
-            except mlflow.exceptions.MlflowException as e:
-                collided = any(s in str(e) for s in ("duplicate key value", "UNIQUE constraint"))
-                if not collided or attempt == tries:
-                    raise
-                time.sleep(0.2 * attempt)
+    def _log_shared(self, batch: list[Metric]) -> None:
+        """log_batch of points other workers may be logging at the same instant."""
+        retry_collisions(functools.partial(self.client.log_batch, self.parent_id, metrics=batch))
 
     def log_parent_metrics(self, metrics: dict[str, float]) -> None:
         """Single-valued metrics on the parent run (the latest value is the one shown)."""

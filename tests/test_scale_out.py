@@ -128,7 +128,8 @@ def test_three_workers_on_postgres_and_a_tracking_server(
     assert study.trials[victim.number].user_attrs["fail_reason"] == "process died"
     others = [t for t in study.trials if t.state.name == "FAIL" and t.number != victim.number]
     given_back = all(t.user_attrs.get("over_budget") for t in others)  # given back, not failed
-    assert given_back, (victim.number, [(t.number, t.user_attrs) for t in others], logs)
+    reasons = [(t.number, t.user_attrs.get("fail_reason")) for t in others]
+    assert given_back, f"victim {victim.number}, failed {reasons}, stderr:\n" + "\n".join(logs)
     assert len({t.user_attrs["pid"] for t in study.trials}) == 3
 
     client = MlflowClient(mlflow_server.url)
@@ -378,3 +379,36 @@ def test_workers_opening_a_new_database_together_all_get_the_study(postgres):
         t.join()
     assert not errors, errors
     assert len(optuna.get_all_study_names(url)) == 1
+
+
+def test_trial_runs_logging_the_same_datasets_at_one_instant_all_get_them(
+    postgres, mlflow_server, tmp_path
+):
+    """Every worker's first trial logs the study's datasets at about the same moment (three
+    workers failed a trial so, once): the store checks for an existing dataset and inserts it in
+    two steps, so inserts collide; the loser tries again and finds the winner's copy."""
+    from mnist_search.tracking import StudyTracker, mnist_datasets
+
+    datasets = mnist_datasets(tmp_path, "d" * 16, {"train-split": 50, "validation-split": 10})
+    tracker = StudyTracker("together", mlflow_server.url)
+    tracker.create_parent({})
+    runs = [tracker.start_trial(i, {}) for i in range(8)]
+    ready, errors = threading.Barrier(len(runs)), []
+
+    def log(run) -> None:
+        ready.wait()
+        try:
+            run.log_datasets(datasets)
+        except Exception as e:  # noqa: BLE001 - collected, and the test says which
+            errors.append(e)
+
+    threads = [threading.Thread(target=log, args=(run,)) for run in runs]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    client = MlflowClient(mlflow_server.url)
+    for run in runs:
+        inputs = client.get_run(run.run_id).inputs.dataset_inputs
+        assert sorted(i.dataset.name for i in inputs) == sorted(f"mnist-{p}" for p in datasets)
