@@ -74,7 +74,7 @@ def test_three_workers_on_postgres_and_a_tracking_server(
 ):
     storage_url = f"{postgres}/optuna"
     flags = ["--data-dir", str(synthetic_mnist), "--storage", storage_url, "--study-name", "scale"]
-    flags += ["--trials", "9", "--epochs", "20", "--pruner", "none", "--device", "cpu"]
+    flags += ["--trials", "9", "--epochs", "3", "--pruner", "none", "--device", "cpu"]
     flags += ["--no-champion"]
     env = {**os.environ, "MLFLOW_TRACKING_URI": mlflow_server.url}
     workers = []
