@@ -471,12 +471,9 @@ class StudyTracker:
         new = [point for point in points if point[0] not in self.logged_steps]
         batch = [Metric(k, float(v), ms, step) for step, ms, vals in new for k, v in vals.items()]
         for i in range(0, len(batch), 1000):  # MLflow's limit per log_batch
-            self._log_shared(batch[i : i + 1000])
+            part = batch[i : i + 1000]  # other workers may be logging it at the same instant
+            retry_collisions(functools.partial(self.client.log_batch, self.parent_id, metrics=part))
         self.logged_steps.update(step for step, _, _ in new)
-
-    def _log_shared(self, batch: list[Metric]) -> None:
-        """log_batch of points other workers may be logging at the same instant."""
-        retry_collisions(functools.partial(self.client.log_batch, self.parent_id, metrics=batch))
 
     def log_parent_metrics(self, metrics: dict[str, float]) -> None:
         """Single-valued metrics on the parent run (the latest value is the one shown)."""
