@@ -6,6 +6,7 @@ on free loopback ports, runs 3 workers on tiny synthetic data, SIGKILLs one mid-
 checks that nothing else is lost. Everything it starts is stopped whatever happens.
 """
 
+import functools
 import os
 import signal
 import subprocess
@@ -358,25 +359,35 @@ def test_a_worker_frozen_past_the_grace_period_says_so_and_goes_on(
     assert not client.get_metric_history(run.info.run_id, "val_accuracy")  # not written into
 
 
-def test_workers_opening_a_new_database_together_all_get_the_study(postgres):
-    """Workers started together on an empty database each create Optuna's schema; the ones that
-    collide with another's CREATE try again instead of crashing (16 workers did, once)."""
-    url, ready = f"{postgres}/optuna", threading.Barrier(8)
-    errors = []
+def all_at_once(calls) -> list[Exception]:
+    """Run each call in its own thread, all released at one instant; the errors they raised."""
+    ready, errors = threading.Barrier(len(calls)), []
 
-    def open_one() -> None:
+    def run(call) -> None:
         ready.wait()
         try:
-            optuna.create_study(study_name="together", storage=mstorage.open_storage(url),
-                                load_if_exists=True)  # fmt: skip
+            call()
         except Exception as e:  # noqa: BLE001 - collected, and the test says which
             errors.append(e)
 
-    threads = [threading.Thread(target=open_one) for _ in range(8)]
+    threads = [threading.Thread(target=run, args=(call,)) for call in calls]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
+    return errors
+
+
+def test_workers_opening_a_new_database_together_all_get_the_study(postgres):
+    """Workers started together on an empty database each create Optuna's schema; the ones that
+    collide with another's CREATE try again instead of crashing (16 workers did, once)."""
+    url = f"{postgres}/optuna"
+
+    def open_one() -> None:
+        optuna.create_study(study_name="together", storage=mstorage.open_storage(url),
+                            load_if_exists=True)  # fmt: skip
+
+    errors = all_at_once([open_one] * 8)
     assert not errors, errors
     assert len(optuna.get_all_study_names(url)) == 1
 
@@ -393,20 +404,7 @@ def test_trial_runs_logging_the_same_datasets_at_one_instant_all_get_them(
     tracker = StudyTracker("together", mlflow_server.url)
     tracker.create_parent({})
     runs = [tracker.start_trial(i, {}) for i in range(8)]
-    ready, errors = threading.Barrier(len(runs)), []
-
-    def log(run) -> None:
-        ready.wait()
-        try:
-            run.log_datasets(datasets)
-        except Exception as e:  # noqa: BLE001 - collected, and the test says which
-            errors.append(e)
-
-    threads = [threading.Thread(target=log, args=(run,)) for run in runs]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    errors = all_at_once([functools.partial(run.log_datasets, datasets) for run in runs])
     assert not errors, errors
     client = MlflowClient(mlflow_server.url)
     for run in runs:
