@@ -35,6 +35,7 @@ class TrainConfig:
     hidden: tuple[int, ...] = (512, 256)  # widths of the dense hidden layers (the CNN's head)
     channels: tuple[int, ...] = ()  # the CNN's conv widths, one per conv block; none for an MLP
     kernel: int = 5  # the CNN's conv kernel size (odd)
+    depth: int = 1  # conv blocks per CNN stage: a stride-2 one, then 3x3 stride-1 ones
     dropout: float = 0.2  # after every hidden layer
     activation: str = "relu"  # relu | gelu | silu
     optimizer: str = "adam"  # adam | adamw | sgd (Nesterov momentum 0.9)
@@ -63,6 +64,8 @@ class TrainConfig:
             raise ValueError("a cnn needs conv channels, and an mlp has none")
         if self.family == "cnn" and (self.kernel < 1 or self.kernel % 2 == 0):
             raise ValueError(f"the conv kernel must be odd and positive, not {self.kernel}")
+        if self.depth < 1 or (self.depth > 1 and self.family != "cnn"):
+            raise ValueError(f"depth counts a cnn's conv blocks per stage, not {self.depth}")
         for name in ("augment", "shear", "elastic"):
             if not 0 <= getattr(self, name) <= 1:
                 raise ValueError(f"{name} is a strength from 0 to 1, not {getattr(self, name)}")
@@ -78,7 +81,8 @@ class TrainConfig:
             return f"MLP {'-'.join(map(str, (784, *self.hidden, 10)))}"
         head = f", head {'-'.join(map(str, self.hidden))}" if self.hidden else ""
         k = self.kernel
-        return f"CNN {'-'.join(map(str, self.channels))} {k}x{k}{head}"
+        depth = f", {self.depth} convs a stage" if self.depth > 1 else ""
+        return f"CNN {'-'.join(map(str, self.channels))} {k}x{k}{depth}{head}"
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -122,7 +126,14 @@ def build_model(config: TrainConfig) -> nn.Module:
     from mnist_search.model import CNN, MLP
 
     if config.family == "cnn":
-        return CNN(config.channels, config.kernel, config.hidden, config.dropout, config.activation)
+        return CNN(
+            config.channels,
+            config.kernel,
+            config.hidden,
+            config.dropout,
+            config.activation,
+            config.depth,
+        )
     return MLP(config.hidden, config.dropout, config.activation)
 
 

@@ -60,6 +60,20 @@ def test_a_cnn_trains_with_augmentation_and_counts_its_flops():
     assert training_flops_per_sample(build_model(CNN_CONFIG)) == 6 * macs
 
 
+def test_depth_adds_3x3_blocks_that_keep_each_stages_maps_and_counts_their_flops():
+    config = dataclasses.replace(CNN_CONFIG, depth=3)
+    net = build_model(config)
+    assert net.features(torch.zeros(3, 1, 28, 28)).shape == (3, 8, 7, 7)  # as at depth 1
+    # two more 3x3 convs in each stage: 4 maps of 14x14, then 8 of 7x7; multiply-adds
+    extra = 2 * (14 * 14 * 4 * 4 * 9 + 7 * 7 * 8 * 8 * 9)
+    base = training_flops_per_sample(build_model(CNN_CONFIG))
+    assert training_flops_per_sample(net) == base + 6 * extra
+    assert fit(config, band_data()).history[-1]["val_accuracy"] > 0.9
+    assert config.describe() == "CNN 4-8 3x3, 3 convs a stage, head 16"
+    with pytest.raises(ValueError, match="depth"):
+        dataclasses.replace(MLP_CONFIG, depth=2)
+
+
 @pytest.mark.parametrize(
     "strengths",
     [(1.0, 0.0, 0.0), (0.0, 1.0, 0.0), (0.0, 0.0, 1.0), (0.5, 0.5, 0.5)],
