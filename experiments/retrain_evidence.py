@@ -12,8 +12,8 @@ alike: compare rows, not the absolute figures. `--seeds N` repeats each row with
 study's seed, + 1, ...).
 
 `--variant` measures training levers on the same members: each value is a row set of
-TrainConfig fields given to every member, e.g. `--variant base ema=0.999 elastic=0.5,shear=0.5`
-(`base`: the members as the study found them).
+TrainConfig fields given to every member, e.g. `--variant base ema=0.999 elastic=0.5,shear=0.5
+channels=24-48,depth=2` (`base`: the members as the study found them).
 
 Prints one row per variant, E and seed: the members' mean validation accuracy, the ensemble of
 the best k for k = 1..K, and the seconds the K trainings took.
@@ -52,7 +52,7 @@ def scores(configs, data, device) -> tuple[float, list[float]]:
 
 
 def variant(text: str) -> dict:
-    """'ema=0.999,elastic=0.5' -> {'ema': 0.999, 'elastic': 0.5}; 'base' -> {}."""
+    """'ema=0.999,channels=24-48' -> {'ema': 0.999, 'channels': (24, 48)}; 'base' -> {}."""
     if text == "base":
         return {}
     fields = {f.name: f.type for f in dataclasses.fields(TrainConfig)}
@@ -61,8 +61,10 @@ def variant(text: str) -> dict:
         key, _, value = item.partition("=")
         if key not in fields or not value:
             raise argparse.ArgumentTypeError(f"{item!r}: use FIELD=VALUE with a TrainConfig field")
-        kind = {"str": str, "int": int}.get(str(fields[key]), float)
-        changes[key] = kind(value)
+        if str(fields[key]).startswith("tuple"):  # channels=24-48
+            changes[key] = tuple(int(width) for width in value.split("-"))
+        else:
+            changes[key] = {"str": str, "int": int}.get(str(fields[key]), float)(value)
     return changes
 
 

@@ -1,5 +1,6 @@
 """The evidence for `--ensemble K` and `--retrain-epochs`: validation only, honestly held out."""
 
+import argparse
 import importlib.util
 from pathlib import Path
 
@@ -61,3 +62,17 @@ def test_retrain_evidence_scores_each_member_and_the_ensembles_of_the_best_k():
     ]
     assert alone == pytest.approx(sum(right).item() / 2)
     assert len(together) == 2 and together[0] == pytest.approx(right[0].item())
+
+
+def test_retrain_evidence_variants_parse_each_fields_type_and_refuse_unknown_fields():
+    parse = retrain_evidence.variant
+    assert parse("base") == {}
+    assert parse("ema=0.999,channels=24-48,depth=2,precision=fp32") == {
+        "ema": 0.999,
+        "channels": (24, 48),
+        "depth": 2,
+        "precision": "fp32",
+    }
+    for bad in ("widths=3", "depth=", "depth"):
+        with pytest.raises(argparse.ArgumentTypeError, match="FIELD=VALUE"):
+            parse(bad)
