@@ -34,11 +34,11 @@ class MLP(nn.Module):
 class CNN(nn.Module):
     """Conv blocks that each halve the maps (28 -> 14 -> 7): a stride-2 conv -> batch norm ->
     activation, followed by `depth - 1` 3x3 stride-1 blocks of the same width; then a dense
-    head over the last maps (dropout after its hidden layers). A
-    stride-2 conv computes a quarter of the outputs of a conv followed by a 2x2 max pool, and
-    skips the pool: on 2 CPU cores a 16-32 channel net trained 3.8x faster this way than with
-    conv + max pool (batch 128), at the accuracy the README's table gives. Maps are
-    channels-last, the layout in which PyTorch's CPU convolutions ran about 2x faster here."""
+    head over the last maps (dropout after its hidden layers). A stride-2 conv computes a
+    quarter of the outputs of a conv followed by a 2x2 max pool, and skips the pool: on 2 CPU
+    cores a 16-32 channel net trained 3.8x faster this way than with conv + max pool (batch
+    128), at the accuracy the README's table gives. Maps are channels-last, the layout in which
+    PyTorch's CPU convolutions ran about 2x faster here."""
 
     def __init__(
         self,
