@@ -17,6 +17,13 @@ channels=24-48,depth=2` (`base`: the members as the study found them).
 
 Prints one row per variant, E and seed: the members' mean validation accuracy, the ensemble of
 the best k for k = 1..K, and the seconds the K trainings took.
+
+`--inference` adds, for the same trained members, the two inference-side levers (their rows come
+after the training rows): test-time augmentation (each member's probabilities averaged over its
+image and the image shifted one pixel up, down, left and right: 5x the inference) and greedy
+forward selection with replacement over the K members (Caruana et al. 2004, `GREEDY_STEPS`
+steps: a weighted ensemble). Greedy chooses on one stratified half of validation and is scored
+on the other, both ways; beside it, the plain ensemble of all K on the same halves.
 """
 
 from __future__ import annotations
@@ -26,8 +33,10 @@ import dataclasses
 import itertools
 import sys
 import time
+from pathlib import Path
 
 import torch
+from torch.nn import functional as F
 
 from mnist_search.champion import members_of, retrain_configs
 from mnist_search.cli import add_data_dir_flag
@@ -38,17 +47,74 @@ from mnist_search.storage import DEFAULT_STORAGE
 from mnist_search.studies import BadInput, open_existing
 from mnist_search.train import TrainConfig, fit, predict_logits
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a study's folder
+from experiments.ensemble_evidence import halves  # noqa: E402
 
-def scores(configs, data, device) -> tuple[float, list[float]]:
+GREEDY_STEPS = 10  # as the issue's try on the logged trial weights
+SHIFTS = ((0, 0), (-1, 0), (1, 0), (0, -1), (0, 1))  # (rows, columns): the image and 4 shifts
+
+
+def right(probs: torch.Tensor, y: torch.Tensor) -> float:
+    return (probs.argmax(1) == y).float().mean().item()
+
+
+def scores(configs, data, device, shifted: list | None = None) -> tuple[float, list[float]]:
     """(mean accuracy of the members, [accuracy of the ensemble of the first k, k = 1..K]) on
-    `data.val`."""
-    probs = [
-        torch.softmax(predict_logits(fit(c, data, device).model, data.val.features()), 1)
-        for c in configs
-    ]
-    right = lambda p: (p.argmax(1) == data.val.y).float().mean().item()  # noqa: E731
-    together = [right(torch.stack(probs[:k]).mean(0)) for k in range(1, len(probs) + 1)]
-    return sum(map(right, probs)) / len(probs), together
+    `data.val`. Each member's probabilities over `SHIFTS` are appended to `shifted` if given."""
+    probs, val = [], data.val.features()
+    for config in configs:
+        model = fit(config, data, device).model
+        probs.append(torch.softmax(predict_logits(model, val), 1))
+        if shifted is not None:
+            background = -data.mean / data.std
+            views = [shift(val, rows, cols, background) for rows, cols in SHIFTS]
+            shifted.append(torch.stack([torch.softmax(predict_logits(model, v), 1) for v in views]))
+    together = [right(torch.stack(probs[:k]).mean(0), data.val.y) for k in range(1, len(probs) + 1)]
+    return sum(right(p, data.val.y) for p in probs) / len(probs), together
+
+
+def shift(x: torch.Tensor, rows: int, cols: int, background: float) -> torch.Tensor:
+    """(N, 784) images moved `rows` down and `cols` right, uncovered pixels set to background."""
+    images = F.pad(x.reshape(-1, 28, 28), (1, 1, 1, 1), value=background)  # (N, 30, 30)
+    return images[:, 1 - rows : 29 - rows, 1 - cols : 29 - cols].reshape(-1, 784)
+
+
+def greedy_weights(probs: list[torch.Tensor], y: torch.Tensor, steps: int) -> list[float]:
+    """Caruana's forward selection with replacement: `steps` times, add to the ensemble the
+    member whose addition scores best on (probs, y) (ties: the lower mean log-loss, then the
+    lower index); a member's weight is the share of steps that chose it."""
+    counts, total = [0] * len(probs), torch.zeros_like(probs[0])
+
+    def merit(i: int) -> tuple[float, float]:
+        mean = (total + probs[i]) / (sum(counts) + 1)
+        return right(mean, y), -F.nll_loss(mean.clamp_min(1e-12).log(), y).item()
+
+    for _ in range(steps):
+        best = max(range(len(probs)), key=lambda i: (merit(i), -i))
+        counts[best] += 1
+        total += probs[best]
+    return [c / steps for c in counts]
+
+
+def weighted(probs: list[torch.Tensor], weights: list[float]) -> torch.Tensor:
+    return sum(w * p for w, p in zip(weights, probs, strict=True))
+
+
+def inference_levers(shifted: list[torch.Tensor], y: torch.Tensor) -> dict:
+    """For members' probabilities over `SHIFTS` ((5, N, 10) each): the plain ensemble of all,
+    the same averaged over the shifts, and greedy selection chosen on one half of validation,
+    scored on the other (mean of both ways) beside the plain ensemble on those halves."""
+    plain = [views[0] for views in shifted]
+    out = {
+        "all": right(torch.stack(plain).mean(0), y),
+        "all, shifted": right(torch.stack([v.mean(0) for v in shifted]).mean(0), y),
+    }
+    held, greedy = [], []
+    for choose, score in zip(halves(y), reversed(halves(y)), strict=True):
+        weights = greedy_weights([p[choose] for p in plain], y[choose], GREEDY_STEPS)
+        greedy.append(right(weighted([p[score] for p in plain], weights), y[score]))
+        held.append(right(torch.stack([p[score] for p in plain]).mean(0), y[score]))
+    return out | {"all, held out": sum(held) / 2, "greedy, held out": sum(greedy) / 2}
 
 
 def variant(text: str) -> dict:
@@ -78,6 +144,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seeds", type=int, default=1, help="seeds per row")
     p.add_argument("--variant", type=variant, nargs="+", default=[{}], help="levers, see above")
     p.add_argument("--device", default="cpu")
+    p.add_argument("--inference", action="store_true", help="also TTA and greedy, see above")
     add_data_dir_flag(p)
     args = p.parse_args(argv)
     if min(args.epochs) < 1 or args.k < 1 or args.seeds < 1:
@@ -92,6 +159,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"study {args.study_name}: members {numbers}; {len(data.val)} validation images")
     ks = " | ".join(f"K={k}" for k in range(1, len(members) + 1))
     print(f"variant | epochs | seed | members' mean validation accuracy | {ks} | seconds")
+    levers = []  # (variant, epochs, seed, inference_levers(...)) for --inference
     for changes in args.variant:
         name = ",".join(f"{k}={v}" for k, v in changes.items()) or "base"
         for epochs, offset in itertools.product(args.epochs, range(args.seeds)):
@@ -100,11 +168,20 @@ def main(argv: list[str] | None = None) -> int:
                 for c in retrain_configs(study, members, epochs)
             ]
             start = time.perf_counter()
-            alone, together = scores(configs, data, args.device)
+            shifted = [] if args.inference else None
+            alone, together = scores(configs, data, args.device, shifted)
             seconds = time.perf_counter() - start
             ensembles = " | ".join(f"{a:.4f}" for a in together)
             row = f"{epochs} | {configs[0].seed} | {alone:.4f} | {ensembles} | {seconds:.0f}"
             print(f"{name} | {row}", flush=True)
+            if shifted is not None:
+                levers.append(
+                    (name, epochs, configs[0].seed, inference_levers(shifted, data.val.y))
+                )
+    if levers:
+        print(f"variant | epochs | seed | {' | '.join(levers[0][3])} (ensembles of {len(members)})")
+    for name, epochs, seed, found in levers:
+        print(f"{name} | {epochs} | {seed} | {' | '.join(f'{a:.4f}' for a in found.values())}")
     return 0
 
 

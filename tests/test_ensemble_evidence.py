@@ -76,3 +76,40 @@ def test_retrain_evidence_variants_parse_each_fields_type_and_refuse_unknown_fie
     for bad in ("widths=3", "depth=", "depth"):
         with pytest.raises(argparse.ArgumentTypeError, match="FIELD=VALUE"):
             parse(bad)
+
+
+def test_a_shift_moves_every_pixel_one_place_and_fills_the_edge_with_background():
+    x = torch.arange(2 * 784, dtype=torch.float32).reshape(2, 784)
+    images = x.reshape(2, 28, 28)
+    down = retrain_evidence.shift(x, 1, 0, -5.0).reshape(2, 28, 28)
+    assert torch.equal(down[:, 1:], images[:, :-1]) and (down[:, 0] == -5.0).all()
+    left = retrain_evidence.shift(x, 0, -1, -5.0).reshape(2, 28, 28)
+    assert torch.equal(left[:, :, :-1], images[:, :, 1:]) and (left[:, :, -1] == -5.0).all()
+    assert torch.equal(retrain_evidence.shift(x, 0, 0, -5.0), x)
+
+
+def test_greedy_selection_weights_members_by_the_steps_that_chose_them():
+    y = torch.arange(20) % 10
+    good = F.one_hot(y, 10).float() * 0.9 + 0.01  # right everywhere
+    bad = F.one_hot((y + 1) % 10, 10).float() * 0.9 + 0.01  # wrong everywhere
+    weights = retrain_evidence.greedy_weights([bad, good], y, steps=4)
+    assert weights == [0.0, 1.0]  # adding the wrong member never scores better
+    # weights sum to 1, and the weighted ensemble is the weighted mean of the members' outputs
+    mixed = retrain_evidence.greedy_weights([good, good * 0.5 + bad * 0.5], y, steps=3)
+    assert sum(mixed) == pytest.approx(1.0)
+    ensemble = retrain_evidence.weighted([good, bad], [0.75, 0.25])
+    assert torch.allclose(ensemble, 0.75 * good + 0.25 * bad)
+
+
+def test_inference_levers_score_the_shifted_mean_and_greedy_on_held_out_halves():
+    y = torch.arange(40) % 10
+    right_p = F.one_hot(y, 10).float()
+    wrong_p = F.one_hot((y + 1) % 10, 10).float()
+    flaky = torch.stack([right_p] + [wrong_p] * 4)  # right on the image, wrong on its 4 shifts
+    alone = retrain_evidence.inference_levers([flaky], y)
+    assert alone["all"] == 1.0 and alone["all, shifted"] == 0.0
+    # two members wrong everywhere outvote one right one, unless greedy leaves them out
+    wrong, steady = torch.stack([wrong_p] * 5), torch.stack([right_p] * 5)
+    found = retrain_evidence.inference_levers([wrong, wrong, steady], y)
+    assert found["all"] == found["all, held out"] == 0.0
+    assert found["greedy, held out"] == 1.0
