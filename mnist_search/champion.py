@@ -30,6 +30,7 @@ from mnist_search.model import PixelClassifier, training_flops_per_sample
 from mnist_search.ship import ModelCard, Shipped, ship
 from mnist_search.space import (
     BEST_EPOCH,
+    CNN_STAGES,
     DEFAULT_SPACE,
     DEFAULTS,
     config_from_params,
@@ -50,6 +51,9 @@ class ChampionConfig:
 
     ensemble: int | None = None  # the K best distinct trials, averaged; None: the space's
     retrain_epochs: int | str | None = None  # per member, or BEST_EPOCH; None: the space's
+    retrain_depth: int | None = None  # conv blocks per stage of CNN members; None: the space's
+    retrain_channels: tuple[int, ...] | None = None  # CNN members' widths, (): as searched;
+    # None: the space's
     seeds: int = 1  # retrain and test with this many seeds; only the first seed's model ships
     register_as: str | None = None  # the registered model's name; None: the study's
 
@@ -61,15 +65,27 @@ class ChampionConfig:
         epochs = self.retrain_epochs
         if epochs is not None and epochs != BEST_EPOCH and epochs < 1:
             raise BadInput(f"--retrain-epochs must be at least 1, not {epochs}")
+        if self.retrain_depth is not None and self.retrain_depth < 1:
+            raise BadInput(f"--retrain-depth must be at least 1, not {self.retrain_depth}")
+        if self.retrain_channels is not None:
+            widths = tuple(self.retrain_channels)
+            object.__setattr__(self, "retrain_channels", widths)
+            if widths and (len(widths) != CNN_STAGES or min(widths) < 1):
+                raise BadInput(
+                    f"--retrain-channels {' '.join(map(str, widths))}: give {CNN_STAGES} widths "
+                    "of at least 1, one per conv stage, or 'searched'"
+                )
         if self.register_as is not None and not self.register_as.strip():
             raise BadInput("--register-as is empty; give it a name")
 
     def resolved(self, space: str, study_name: str) -> ChampionConfig:
-        defaults = DEFAULTS[space]
+        defaults, channels = DEFAULTS[space], self.retrain_channels
         return dataclasses.replace(
             self,
             ensemble=self.ensemble or defaults.ensemble,
             retrain_epochs=self.retrain_epochs or defaults.retrain_epochs,
+            retrain_depth=self.retrain_depth or defaults.retrain_depth,
+            retrain_channels=defaults.retrain_channels if channels is None else channels,
             register_as=self.register_as or study_name,
         )
 
@@ -154,13 +170,16 @@ def members_of(study, k: int) -> list:
     return best[:k]
 
 
-def retrain_configs(study, members: list, epochs: int | str) -> list[TrainConfig]:
+def retrain_configs(
+    study, members: list, epochs: int | str, depth: int = 1, channels: tuple[int, ...] = ()
+) -> list[TrainConfig]:
     """Each member's config rebuilt through the search space, with the study's own seed, for
     `epochs` epochs (its schedule stretched to them), or, for BEST_EPOCH, for the epoch count
-    where its validation accuracy peaked."""
-    seed = study.user_attrs.get("seed", 0)
-    return [
-        config_from_params(
+    where its validation accuracy peaked; a CNN member with `depth` conv blocks a stage and,
+    if given, `channels` for its searched widths."""
+    seed, configs = study.user_attrs.get("seed", 0), []
+    for t in members:
+        config = config_from_params(
             t.params,
             t.user_attrs.get("best_epoch", t.user_attrs.get("epochs_trained"))
             if epochs == BEST_EPOCH
@@ -168,8 +187,10 @@ def retrain_configs(study, members: list, epochs: int | str) -> list[TrainConfig
             seed,
             study_space(study),
         )
-        for t in members
-    ]
+        if config.family == "cnn":
+            config = dataclasses.replace(config, depth=depth, channels=channels or config.channels)
+        configs.append(config)
+    return configs
 
 
 def retrain(
@@ -276,7 +297,9 @@ def crown(
     other error leaves it FAILED."""
     config = config.resolved(study_space(study), study.study_name)
     members = members_of(study, config.ensemble)
-    configs = retrain_configs(study, members, config.retrain_epochs)
+    configs = retrain_configs(
+        study, members, config.retrain_epochs, config.retrain_depth, config.retrain_channels
+    )
     numbers = [t.number for t in members]
     name = "-".join(map(str, numbers))
     run = tracker.start_run("champion", f"champion-trial{'s' if len(members) > 1 else ''}-{name}")
@@ -348,7 +371,7 @@ def main(argv: list[str] | None = None) -> int:
     p = build_parser()
     args = p.parse_args(argv)
     try:
-        config = ChampionConfig(args.ensemble, args.retrain_epochs, args.seeds, args.register_as)
+        config = ChampionConfig(**{name: getattr(args, name) for name in cli.CHAMPION_FLAGS})
         study, tracker = open_existing(args.study_name, args.storage, args.tracking_uri)
     except BadInput as e:
         p.error(str(e))

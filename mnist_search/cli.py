@@ -71,6 +71,23 @@ def add_device_flags(p: argparse.ArgumentParser) -> None:
     )
 
 
+CHAMPION_FLAGS = (  # ChampionConfig's fields, one flag each
+    "ensemble", "retrain_epochs", "retrain_depth", "retrain_channels", "seeds", "register_as",
+)  # fmt: skip
+
+
+class Widths(argparse.Action):
+    """`--retrain-channels 24 48` -> (24, 48); `--retrain-channels searched` -> ()."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        if values == ["searched"]:
+            return setattr(namespace, self.dest, ())
+        try:
+            setattr(namespace, self.dest, tuple(int(v) for v in values))
+        except ValueError:
+            parser.error(f"{option_string} takes conv widths, such as 24 48, or 'searched'")
+
+
 def add_champion_flags(p: argparse.ArgumentParser, defaults_help: Callable[[str], str]) -> None:
     """How the champion is made and registered, for `study` and `champion`; `defaults_help(flag)`
     says what leaving a flag out means in each space (`space.defaults_help`)."""
@@ -92,6 +109,23 @@ def add_champion_flags(p: argparse.ArgumentParser, defaults_help: Callable[[str]
         default=None,
         help="retrain each member for this many epochs, its schedule stretched to them "
         f"(default, by the study's space: {defaults_help('retrain_epochs')})",
+    )
+    p.add_argument(
+        "--retrain-depth",
+        type=int,
+        default=None,
+        help="retrain each CNN member with this many conv blocks a stage, a stride-2 one and "
+        "then 3x3 ones (1: as searched; default, by the study's space: "
+        f"{defaults_help('retrain_depth')})",
+    )
+    p.add_argument(
+        "--retrain-channels",
+        nargs="+",
+        action=Widths,
+        default=None,
+        metavar="C",
+        help="retrain each CNN member with these conv widths, one per stage, or 'searched' "
+        f"(default, by the study's space: {defaults_help('retrain_channels')})",
     )
     p.add_argument(
         "--seeds",

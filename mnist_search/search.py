@@ -51,7 +51,7 @@ from mnist_search.summary import (
 from mnist_search.tracking import TRACKING_STORE, mnist_datasets
 
 log = logging.getLogger("mnist_search")
-PRUNERS = ("hyperband", "median", "none")  # how trials are stopped early
+PRUNERS = ("hyperband", "halving", "median", "none")  # how trials are stopped early
 STORE_AWAY = 75  # exit code (EX_TEMPFAIL) when a store stayed away: rerun once it is back
 
 
@@ -69,7 +69,7 @@ class SearchConfig:
     seed: int = 0  # seeds the sampler and every trial
     device: str = "auto"  # auto | cpu | cuda
     cuda_graphs: bool = True  # on a GPU, replay training steps from CUDA graphs
-    pruner: str = "hyperband"  # hyperband | median | none
+    pruner: str | None = None  # hyperband | halving | median | none; None: the space's
     timeout: float | None = None  # seconds after which no new trial starts
     workers: int = 1  # trial processes on this machine, sharing the storage
     store_retry_seconds: float | None = None  # how long a store may be away; None: retry's
@@ -78,9 +78,11 @@ class SearchConfig:
     worker_id: int = field(default=0, repr=False)  # > 0: a worker `search` started
 
     def __post_init__(self):
-        if self.space not in SPACES or self.pruner not in PRUNERS:
+        if self.space not in SPACES or self.pruner not in (*PRUNERS, None):
             raise BadInput(f"--space is one of {SPACES} and --pruner one of {PRUNERS}")
         # what a flag left out means, in this space (frozen: set through object.__setattr__)
+        if self.pruner is None:
+            object.__setattr__(self, "pruner", DEFAULTS[self.space].pruner)
         if self.epochs is None:
             object.__setattr__(self, "epochs", DEFAULTS[self.space].epochs)
         if self.study_name is None:
@@ -130,6 +132,8 @@ class SearchResult:
 def make_pruner(name: str, epochs: int) -> optuna.pruners.BasePruner:
     if name == "hyperband":  # brackets of successive halving over 1..epochs
         return optuna.pruners.HyperbandPruner(min_resource=1, max_resource=epochs)
+    if name == "halving":  # one bracket: the trials below the top third stop at epochs 1 and 3
+        return optuna.pruners.SuccessiveHalvingPruner(min_resource=1, reduction_factor=3)
     if name == "median":
         return optuna.pruners.MedianPruner(n_startup_trials=5, n_warmup_steps=2)
     return optuna.pruners.NopPruner()

@@ -16,7 +16,8 @@ from mnist_search import cli
 from mnist_search.space import DEFAULT_SPACE, SPACES, defaults_help
 from mnist_search.storage import DEFAULT_STORAGE
 
-PRUNERS = ("hyperband", "median", "none")  # search.PRUNERS, named here for an instant --help
+# search.PRUNERS, named here for an instant --help
+PRUNERS = ("hyperband", "halving", "median", "none")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -53,7 +54,12 @@ def build_parser() -> argparse.ArgumentParser:
     cli.add_data_dir_flag(p)
     p.add_argument("--seed", type=int, default=0, help="seeds the sampler and every trial")
     cli.add_device_flags(p)
-    p.add_argument("--pruner", choices=PRUNERS, default="hyperband", help="how trials stop early")
+    p.add_argument(
+        "--pruner",
+        choices=PRUNERS,
+        default=None,
+        help=f"how trials stop early (default, by --space: {defaults_help('pruner')})",
+    )
     p.add_argument("--timeout", type=float, default=None, help="start no trial after this (s)")
     p.add_argument(
         "--workers",
@@ -92,7 +98,7 @@ def main(argv: list[str] | None = None, launcher: list[str] | None = None) -> in
     from mnist_search.tracking import QUIET, env_defaults
 
     flags = vars(args)
-    crowning = {k: flags.pop(k) for k in ("ensemble", "retrain_epochs", "seeds", "register_as")}
+    crowning = {k: flags.pop(k) for k in cli.CHAMPION_FLAGS}
     no_champion = flags.pop("no_champion")
     logging.basicConfig(format="%(message)s")  # the search's one-line notices, on stderr
     logging.getLogger("mlflow.system_metrics").setLevel(logging.WARNING)  # no start/stop lines

@@ -209,6 +209,7 @@ STUDY_ERROR = "python -m mnist_search.study: error: "
         (["--store-retry-seconds", "-1"], "--store-retry-seconds must be 0 or more, not -1"),
         (["--ensemble", "0"], "--ensemble must be at least 1"),
         (["--retrain-epochs", "0"], "--retrain-epochs must be at least 1"),
+        (["--retrain-channels", "8", "16", "32"], "--retrain-channels 8 16 32: give 2 widths"),
         (["--seeds", "0"], "--seeds must be at least 1, not 0"),
         (["--trials", "0", "--epochs", "0"], "--trials and --epochs must be at least 1"),
         (["--timeout", "0"], "--timeout must be positive, not 0"),
