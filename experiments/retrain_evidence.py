@@ -9,7 +9,7 @@ schedule stretched to E, as the champion's retrain does) and scored on the valid
 each alone, and the mean of the probabilities of the best k, for every k up to K; the test set
 is never read. The members were picked on these validation images, which flatters every row
 alike: compare rows, not the absolute figures. `--seeds N` repeats each row with N seeds (the
-study's seed, + 1, ...).
+study's seed, + 1, ...); `--first-seed S` starts them at the study's seed + S, to add seeds.
 
 `--variant` measures training levers on the same members: each value is a row set of
 TrainConfig fields given to every member, e.g. `--variant base ema=0.999 elastic=0.5,shear=0.5
@@ -142,6 +142,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--epochs", type=int, nargs="+", default=[5, 10], help="retrain lengths")
     p.add_argument("--k", type=int, default=6, help="members, as --ensemble")
     p.add_argument("--seeds", type=int, default=1, help="seeds per row")
+    p.add_argument("--first-seed", type=int, default=0, help="offset of the first seed")
     p.add_argument("--variant", type=variant, nargs="+", default=[{}], help="levers, see above")
     p.add_argument("--device", default="cpu")
     p.add_argument("--inference", action="store_true", help="also TTA and greedy, see above")
@@ -162,7 +163,9 @@ def main(argv: list[str] | None = None) -> int:
     levers = []  # (variant, epochs, seed, inference_levers(...)) for --inference
     for changes in args.variant:
         name = ",".join(f"{k}={v}" for k, v in changes.items()) or "base"
-        for epochs, offset in itertools.product(args.epochs, range(args.seeds)):
+        for epochs, offset in itertools.product(
+            args.epochs, range(args.first_seed, args.first_seed + args.seeds)
+        ):
             configs = [
                 dataclasses.replace(c, **changes, seed=c.seed + offset)
                 for c in retrain_configs(study, members, epochs)

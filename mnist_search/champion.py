@@ -33,6 +33,7 @@ from mnist_search.space import (
     CNN_STAGES,
     DEFAULT_SPACE,
     DEFAULTS,
+    SEARCHED,
     config_from_params,
     default_name,
     defaults_help,
@@ -54,6 +55,8 @@ class ChampionConfig:
     retrain_depth: int | None = None  # conv blocks per stage of CNN members; None: the space's
     retrain_channels: tuple[int, ...] | None = None  # CNN members' widths, (): as searched;
     # None: the space's
+    retrain_augment: float | str | None = None  # CNN members' augmentation strength, or
+    # SEARCHED; None: the space's
     seeds: int = 1  # retrain and test with this many seeds; only the first seed's model ships
     register_as: str | None = None  # the registered model's name; None: the study's
 
@@ -75,6 +78,11 @@ class ChampionConfig:
                     f"--retrain-channels {' '.join(map(str, widths))}: give {CNN_STAGES} widths "
                     "of at least 1, one per conv stage, or 'searched'"
                 )
+        augment = self.retrain_augment
+        if augment not in (None, SEARCHED) and not 0 <= augment <= 1:
+            raise BadInput(
+                f"--retrain-augment is a strength from 0 to 1 or 'searched', not {augment}"
+            )
         if self.register_as is not None and not self.register_as.strip():
             raise BadInput("--register-as is empty; give it a name")
 
@@ -86,6 +94,9 @@ class ChampionConfig:
             retrain_epochs=self.retrain_epochs or defaults.retrain_epochs,
             retrain_depth=self.retrain_depth or defaults.retrain_depth,
             retrain_channels=defaults.retrain_channels if channels is None else channels,
+            retrain_augment=(
+                defaults.retrain_augment if self.retrain_augment is None else self.retrain_augment
+            ),
             register_as=self.register_as or study_name,
         )
 
@@ -171,12 +182,13 @@ def members_of(study, k: int) -> list:
 
 
 def retrain_configs(
-    study, members: list, epochs: int | str, depth: int = 1, channels: tuple[int, ...] = ()
-) -> list[TrainConfig]:
+    study, members: list, epochs: int | str, depth: int = 1, channels: tuple[int, ...] = (),
+    augment: float | str = SEARCHED,
+) -> list[TrainConfig]:  # fmt: skip
     """Each member's config rebuilt through the search space, with the study's own seed, for
     `epochs` epochs (its schedule stretched to them), or, for BEST_EPOCH, for the epoch count
     where its validation accuracy peaked; a CNN member with `depth` conv blocks a stage and,
-    if given, `channels` for its searched widths."""
+    if given, `channels` for its searched widths and `augment` for its searched strength."""
     seed, configs = study.user_attrs.get("seed", 0), []
     for t in members:
         config = config_from_params(
@@ -188,7 +200,12 @@ def retrain_configs(
             study_space(study),
         )
         if config.family == "cnn":
-            config = dataclasses.replace(config, depth=depth, channels=channels or config.channels)
+            config = dataclasses.replace(
+                config,
+                depth=depth,
+                channels=channels or config.channels,
+                augment=config.augment if augment == SEARCHED else augment,
+            )
         configs.append(config)
     return configs
 
@@ -298,8 +315,9 @@ def crown(
     config = config.resolved(study_space(study), study.study_name)
     members = members_of(study, config.ensemble)
     configs = retrain_configs(
-        study, members, config.retrain_epochs, config.retrain_depth, config.retrain_channels
-    )
+        study, members, config.retrain_epochs, config.retrain_depth, config.retrain_channels,
+        config.retrain_augment,
+    )  # fmt: skip
     numbers = [t.number for t in members]
     name = "-".join(map(str, numbers))
     run = tracker.start_run("champion", f"champion-trial{'s' if len(members) > 1 else ''}-{name}")

@@ -72,7 +72,8 @@ def add_device_flags(p: argparse.ArgumentParser) -> None:
 
 
 CHAMPION_FLAGS = (  # ChampionConfig's fields, one flag each
-    "ensemble", "retrain_epochs", "retrain_depth", "retrain_channels", "seeds", "register_as",
+    "ensemble", "retrain_epochs", "retrain_depth", "retrain_channels", "retrain_augment", "seeds",
+    "register_as",
 )  # fmt: skip
 
 
@@ -86,6 +87,18 @@ class Widths(argparse.Action):
             setattr(namespace, self.dest, tuple(int(v) for v in values))
         except ValueError:
             parser.error(f"{option_string} takes conv widths, such as 24 48, or 'searched'")
+
+
+def strength_or_searched(text: str) -> float | str:
+    """`--retrain-augment 0.5` -> 0.5; `--retrain-augment searched` -> space.SEARCHED."""
+    if text == "searched":
+        return text
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"takes a strength from 0 to 1, such as 0.5, or 'searched', not {text!r}"
+        ) from None
 
 
 def add_champion_flags(p: argparse.ArgumentParser, defaults_help: Callable[[str], str]) -> None:
@@ -126,6 +139,14 @@ def add_champion_flags(p: argparse.ArgumentParser, defaults_help: Callable[[str]
         metavar="C",
         help="retrain each CNN member with these conv widths, one per stage, or 'searched' "
         f"(default, by the study's space: {defaults_help('retrain_channels')})",
+    )
+    p.add_argument(
+        "--retrain-augment",
+        type=strength_or_searched,
+        default=None,
+        metavar="S",
+        help="retrain each CNN member with this augmentation strength, or 'searched' "
+        f"(default, by the study's space: {defaults_help('retrain_augment')})",
     )
     p.add_argument(
         "--seeds",

@@ -239,6 +239,8 @@ STORES = (
         (["--retrain-channels", "24"], "--retrain-channels 24: give 2 widths of at least 1, one per conv stage, or 'searched'"),
         (["--retrain-channels", "24", "0"], "--retrain-channels 24 0: give 2 widths of at least 1, one per conv stage, or 'searched'"),
         (["--retrain-channels", "wide"], "--retrain-channels takes conv widths, such as 24 48, or 'searched'"),
+        (["--retrain-augment", "1.5"], "--retrain-augment is a strength from 0 to 1 or 'searched', not 1.5"),
+        (["--retrain-augment", "strong"], "argument --retrain-augment: takes a strength from 0 to 1, such as 0.5, or 'searched', not 'strong'"),
         (["--seeds", "-1"], "--seeds must be at least 1, not -1"),
         (["--seeds", "1.5"], "argument --seeds: invalid int value: '1.5'"),
     ),

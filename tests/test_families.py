@@ -254,6 +254,7 @@ def test_flags_left_out_take_their_spaces_defaults_and_names_follow_the_space():
         assert config.champion.retrain_epochs == defaults.retrain_epochs
         assert config.champion.retrain_depth == defaults.retrain_depth
         assert config.champion.retrain_channels == defaults.retrain_channels
+        assert config.champion.retrain_augment == defaults.retrain_augment
         assert config.study_name == config.champion.register_as == f"mnist-{space}"
     assert SearchConfig().space == "cnn"
     # what is given wins, and the registered model follows the study's name
@@ -309,7 +310,7 @@ def test_the_bench_command_prints_every_row_and_its_ratios(synthetic_mnist, caps
     assert (ours - 0.5) / (usual + 0.5) - 0.05 <= ratio <= (ours + 0.5) / (usual - 0.5) + 0.05
 
 
-def test_the_champion_retrains_cnn_members_at_the_depth_and_widths_given_and_mlps_as_found():
+def test_the_champion_retrains_cnn_members_at_the_depth_widths_and_augment_given_mlps_as_found():
     from mnist_search import champion, cli
     from mnist_search import study as study_command
 
@@ -318,26 +319,31 @@ def test_the_champion_retrains_cnn_members_at_the_depth_and_widths_given_and_mlp
     cnn = {"family": "cnn", "channels_0": 8, "channels_1": 16, "kernel": 3, "head_width": 32}
     mlp = {"family": "mlp", "n_layers": 1, "width_0": 128}
     shared = {"dropout": 0.1, "activation": "relu", "optimizer": "adam", "lr": 1e-3,
-              "weight_decay": 1e-5, "label_smoothing": 0.0, "augment": 0.0,
+              "weight_decay": 1e-5, "label_smoothing": 0.0, "augment": 0.25,
               "batch_size": 128}  # fmt: skip
     for params in (cnn | shared, mlp | shared | {"schedule": "cosine"}):
         study.enqueue_trial(params)
         study.optimize(lambda t: (suggest_config(t, 2, 0, "all"), 0.5)[1], n_trials=1)
     members = champion.members_of(study, 2)
-    deep, plain = champion.retrain_configs(study, members, 3, depth=2, channels=(24, 48))
-    assert (deep.family, deep.depth, deep.channels, deep.kernel, deep.epochs) == (
-        "cnn", 2, (24, 48), 3, 3
+    deep, plain = champion.retrain_configs(
+        study, members, 3, depth=2, channels=(24, 48), augment=0.5
+    )
+    assert (deep.family, deep.depth, deep.channels, deep.kernel, deep.epochs, deep.augment) == (
+        "cnn", 2, (24, 48), 3, 3, 0.5
     )  # fmt: skip
-    assert (plain.family, plain.depth, plain.hidden) == ("mlp", 1, (128,))
-    searched = champion.retrain_configs(study, members, 3)[0]  # depth 1, widths as searched
-    assert (searched.depth, searched.channels) == (1, (8, 16))
-    # flags: widths, or 'searched'; left out, the space's defaults
-    argv = ["--retrain-channels", "searched", "--retrain-depth", "1"]
-    args = study_command.build_parser().parse_args(argv)
-    config = champion.ChampionConfig(**{k: getattr(args, k) for k in cli.CHAMPION_FLAGS})
-    resolved = config.resolved("cnn", "s")
-    assert (resolved.retrain_channels, resolved.retrain_depth) == ((), 1)
+    assert (plain.family, plain.depth, plain.hidden, plain.augment) == ("mlp", 1, (128,), 0.25)
+    searched = champion.retrain_configs(study, members, 3)[0]  # all as searched
+    assert (searched.depth, searched.channels, searched.augment) == (1, (8, 16), 0.25)
+    # flags: widths, strength, or 'searched'; left out, the space's defaults
+    argv = ["--retrain-channels", "searched", "--retrain-depth", "1", "--retrain-augment"]
+    for given, strength in (("searched", "searched"), ("0", 0.0), ("0.75", 0.75)):
+        args = study_command.build_parser().parse_args([*argv, given])
+        config = champion.ChampionConfig(**{k: getattr(args, k) for k in cli.CHAMPION_FLAGS})
+        resolved = config.resolved("cnn", "s")
+        assert (resolved.retrain_channels, resolved.retrain_depth) == ((), 1)
+        assert resolved.retrain_augment == strength
     default = champion.ChampionConfig().resolved("cnn", "s")
-    assert (default.retrain_channels, default.retrain_depth) == (
-        DEFAULTS["cnn"].retrain_channels, DEFAULTS["cnn"].retrain_depth
+    assert (default.retrain_channels, default.retrain_depth, default.retrain_augment) == (
+        DEFAULTS["cnn"].retrain_channels, DEFAULTS["cnn"].retrain_depth, 0.5
     )  # fmt: skip
+    assert champion.ChampionConfig().resolved("mlp", "s").retrain_augment == "searched"
