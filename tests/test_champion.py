@@ -96,11 +96,13 @@ def test_the_champion_is_registered_with_alias_and_tags(crowned):
         == [int(run.data.params[f"member_{i}.epochs"]) for i in range(2)]
         == [3, 3]
     )  # --retrain-epochs, not the 2 epochs the trials trained
-    for i in range(2):  # the CNN space's members retrain deeper and wider than searched
+    for i in range(2):  # the CNN space's members retrain deeper, wider and more augmented
         assert run.data.params[f"member_{i}.depth"] == "2"
         assert run.data.params[f"member_{i}.channels"] == "(24, 48)"
+        assert run.data.params[f"member_{i}.augment"] == "0.5"
         trial = study.trials[members[i].number]
         assert (trial.params["channels_0"], trial.params["channels_1"]) != (24, 48)
+        assert trial.params["augment"] != 0.5
     assert "2 convs a stage" in version.description
     assert sum(map(len, retrain)) == metrics["epochs"] and all(s[0] == 1 for s in retrain)
     assert {a.path for a in client.list_artifacts(run.info.run_id, "figures")} == {
