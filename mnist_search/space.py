@@ -68,12 +68,10 @@ def defaults_help(field: str) -> str:
     """`mlp: 10, cnn: 5, all: 5`: what leaving the flag of `field` out means in each space."""
 
     def shown(value) -> str:
-        if value == ():
+        if value in ((), SEARCHED):
             return "as searched"
         if isinstance(value, tuple):
             return "-".join(map(str, value))
-        if value == SEARCHED:
-            return "as searched"
         return "the trial's best epoch" if value == BEST_EPOCH else str(value)
 
     return ", ".join(f"{space}: {shown(getattr(DEFAULTS[space], field))}" for space in SPACES)
