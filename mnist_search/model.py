@@ -48,6 +48,7 @@ class CNN(nn.Module):
         dropout: float = 0.0,
         activation: str = "relu",
         depth: int = 1,
+        stem: int = 0,
     ):
         super().__init__()
 
@@ -57,6 +58,9 @@ class CNN(nn.Module):
 
         layers: list[nn.Module] = []
         in_channels = 1
+        if stem:  # a 3x3 stride-1 block at full resolution, as the anchors' nets start
+            layers += block(1, stem, 3, stride=1)
+            in_channels = stem
         for out_channels in channels:
             layers += block(in_channels, out_channels, kernel, stride=2)
             for _ in range(depth - 1):  # not searched: docs/search-space.md, "Training levers"

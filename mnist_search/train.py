@@ -36,6 +36,7 @@ class TrainConfig:
     channels: tuple[int, ...] = ()  # the CNN's conv widths, one per conv block; none for an MLP
     kernel: int = 5  # the CNN's conv kernel size (odd)
     depth: int = 1  # conv blocks per CNN stage: a stride-2 one, then 3x3 stride-1 ones
+    stem: int = 0  # channels of a 3x3 stride-1 CNN block at full resolution first; 0 = none
     dropout: float = 0.2  # after every hidden layer
     activation: str = "relu"  # relu | gelu | silu
     optimizer: str = "adam"  # adam | adamw | sgd (Nesterov momentum 0.9)
@@ -66,6 +67,8 @@ class TrainConfig:
             raise ValueError(f"the conv kernel must be odd and positive, not {self.kernel}")
         if self.depth < 1 or (self.depth > 1 and self.family != "cnn"):
             raise ValueError(f"depth counts a cnn's conv blocks per stage, not {self.depth}")
+        if self.stem < 0 or (self.stem and self.family != "cnn"):
+            raise ValueError(f"stem counts the channels of a cnn's first block, not {self.stem}")
         for name in ("augment", "shear", "elastic"):
             if not 0 <= getattr(self, name) <= 1:
                 raise ValueError(f"{name} is a strength from 0 to 1, not {getattr(self, name)}")
@@ -82,7 +85,8 @@ class TrainConfig:
         head = f", head {'-'.join(map(str, self.hidden))}" if self.hidden else ""
         k = self.kernel
         depth = f", {self.depth} convs a stage" if self.depth > 1 else ""
-        return f"CNN {'-'.join(map(str, self.channels))} {k}x{k}{depth}{head}"
+        stem = f"3x3 {self.stem}, " if self.stem else ""
+        return f"CNN {stem}{'-'.join(map(str, self.channels))} {k}x{k}{depth}{head}"
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -133,6 +137,7 @@ def build_model(config: TrainConfig) -> nn.Module:
             config.dropout,
             config.activation,
             config.depth,
+            config.stem,
         )
     return MLP(config.hidden, config.dropout, config.activation)
 

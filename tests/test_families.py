@@ -74,6 +74,19 @@ def test_depth_adds_3x3_blocks_that_keep_each_stages_maps_and_counts_their_flops
         dataclasses.replace(MLP_CONFIG, depth=2)
 
 
+def test_a_stem_is_one_full_resolution_3x3_block_before_the_stages_and_counts_its_flops():
+    config = dataclasses.replace(CNN_CONFIG, stem=2)
+    net = build_model(config)
+    assert net.features(torch.zeros(3, 1, 28, 28)).shape == (3, 8, 7, 7)  # as without
+    # the stem's 2 maps of 28x28 from 1 channel, and the first stage now reads 2 channels
+    extra = 28 * 28 * 2 * 9 + 14 * 14 * 4 * 9
+    base = training_flops_per_sample(build_model(CNN_CONFIG))
+    assert training_flops_per_sample(net) == base + 6 * extra
+    assert config.describe() == "CNN 3x3 2, 4-8 3x3, head 16"
+    with pytest.raises(ValueError, match="stem"):
+        dataclasses.replace(MLP_CONFIG, stem=8)
+
+
 @pytest.mark.parametrize(
     "strengths",
     [(1.0, 0.0, 0.0), (0.0, 1.0, 0.0), (0.0, 0.0, 1.0), (0.5, 0.5, 0.5)],
