@@ -39,17 +39,17 @@ class SpaceDefaults:
 
 CNN_STAGES = 2  # conv stages of the CNN space's nets: channels_0, channels_1 below
 
-# `mlp` keeps the original search and its champion exactly. CNNs: 5 epochs per trial, pruned by
-# successive halving (on two search seeds no slower than Hyperband, its best trials as good or
-# better), then the 2 best trials retrained for 10 epochs each (their cosine stretched), deeper
-# and wider than searched (2 convs a stage, 24-48 channels): on validation 0.1 point over 4
-# members as searched, for about their retrain time on a CPU with native bf16
-# (docs/search-space.md, "Members retrained deeper and wider"). The search cannot afford such
-# nets; its best recipes can. They retrain at augmentation strength 0.5, where 5-epoch trials
-# favour weaker: +0.04 on validation over 6 seeds at no cost, and 0.75 or 1.0 scored lower
-# ("Stronger augmentation for the members", "Further levers").
+# `mlp` keeps the original search and its champion exactly. CNNs: 3 epochs per trial, pruned by
+# successive halving, then the 3 best trials retrained for 10 epochs each (their cosine
+# stretched), deeper and wider than searched (2 convs a stage, 24-48 channels) and at
+# augmentation strength 0.5. The search cannot afford such nets; its best recipes can: on
+# validation, 2 members so made scored 0.1 point over 4 as searched ("Members retrained deeper
+# and wider"), augmentation 0.5 +0.04 over the trials' weaker strengths ("Stronger
+# augmentation"). Trials of 3 epochs found recipes as good for these members as trials of 5
+# (of 2, 0.03 point worse), in 0.86x the search's time, which pays for most of a third member:
+# +0.03 on validation (docs/search-space.md, "A shorter search and a third member").
 CNN_DEFAULTS = SpaceDefaults(
-    epochs=5, pruner="halving", ensemble=2, retrain_epochs=10, retrain_depth=2,
+    epochs=3, pruner="halving", ensemble=3, retrain_epochs=10, retrain_depth=2,
     retrain_channels=(24, 48), retrain_augment=0.5,
 )  # fmt: skip
 DEFAULTS = {
