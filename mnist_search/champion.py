@@ -42,7 +42,7 @@ from mnist_search.space import (
 from mnist_search.storage import DEFAULT_STORAGE
 from mnist_search.studies import BadInput
 from mnist_search.tracking import QUIET, Run, env_defaults, lifecycle, mnist_datasets
-from mnist_search.train import TrainConfig, fit
+from mnist_search.train import TrainConfig, fit, forward_precision
 
 
 @dataclass(frozen=True)
@@ -318,6 +318,8 @@ def crown(
         study, members, config.retrain_epochs, config.retrain_depth, config.retrain_channels,
         config.retrain_augment,
     )  # fmt: skip
+    # precision "auto" resolved here, so that the run and the export say what trained
+    configs = [dataclasses.replace(c, precision=forward_precision(c, device)) for c in configs]
     numbers = [t.number for t in members]
     name = "-".join(map(str, numbers))
     run = tracker.start_run("champion", f"champion-trial{'s' if len(members) > 1 else ''}-{name}")

@@ -101,6 +101,10 @@ def test_the_champion_is_registered_with_alias_and_tags(crowned):
         assert run.data.params[f"member_{i}.channels"] == "(24, 48)"
         assert run.data.params[f"member_{i}.augment"] == "0.5"
         trial = study.trials[members[i].number]
+        # what trained, as its trial's run says it: precision "auto" resolved on this machine
+        trial_run = client.get_run(trial.user_attrs["mlflow_run_id"])
+        assert run.data.params[f"member_{i}.precision"] == trial_run.data.params["precision"]
+        assert trial_run.data.params["precision"] in ("fp32", "bf16")
         assert (trial.params["channels_0"], trial.params["channels_1"]) != (24, 48)
         assert trial.params["augment"] != 0.5
     assert "2 convs a stage" in version.description
