@@ -7,6 +7,7 @@ can be checked before the heavy libraries load.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -38,8 +39,35 @@ def native_bf16(device: torch.device) -> bool:
 
     if device.type == "cuda":
         return torch.cuda.is_bf16_supported()
-    probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")  # torch's own CPU probes
-    return device.type == "cpu" and any(getattr(torch.cpu, p, lambda: False)() for p in probes)
+    return device.type == "cpu" and (_cpu_has("avx512_bf16") or _cpu_has("amx_tile"))
+
+
+def bf16_trains_faster(device: torch.device) -> bool:
+    """Whether bf16 autocast trains the CNN space's nets faster than float32 on `device`, as
+    measured on this project's 2-core machines (docs/search-space.md, "Precision"): on a CPU
+    with AMX (Intel Xeon: 1.1-1.4x), and on an AMD CPU with AVX-512 BF16 (EPYC: 1.14-1.26x a
+    fit), but not on an Intel CPU with AVX-512 BF16 and no AMX (a Xeon whose hypervisor hides
+    AMX: 0.7-0.9x). On a GPU, wherever it is native (not yet timed for these CNNs). A rule, not
+    a timing at run time, so that a study trains the same way every time on the same machine."""
+    if device.type != "cpu":
+        return native_bf16(device)
+    return _cpu_has("amx_tile") or (_cpu_has("avx512_bf16") and cpu_vendor() == "AuthenticAMD")
+
+
+def _cpu_has(feature: str) -> bool:
+    """torch's own probe of a CPU feature (`avx512_bf16`, `amx_tile`), False where it has none."""
+    import torch
+
+    return getattr(torch.cpu, f"_is_{feature}_supported", lambda: False)()
+
+
+def cpu_vendor(cpuinfo: Path = Path("/proc/cpuinfo")) -> str:
+    """The CPU's vendor id (GenuineIntel, AuthenticAMD), or "" where `cpuinfo` cannot say."""
+    try:
+        lines = cpuinfo.read_text().splitlines()
+    except OSError:
+        return ""
+    return next((line.split(":", 1)[1].strip() for line in lines if "vendor_id" in line), "")
 
 
 # The peak private memory of one worker process training the default CNNs on the CPU: its imports

@@ -7,12 +7,11 @@ Nothing here knows of Optuna or MLflow: the study prunes and logs through `on_ep
 from __future__ import annotations
 
 import argparse
-import functools
 import math
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:  # imported where used: `python -m mnist_search.train --help` needs no torch
@@ -117,62 +116,15 @@ EpochHook = Callable[[int, dict, "nn.Module"], bool | None]  # True: stop traini
 
 
 def forward_precision(config: TrainConfig, device: str | torch.device) -> str:
-    """The precision `fit` runs the training forward pass in on `device`: fp32 or bf16."""
+    """The precision `fit` runs the training forward pass in on `device`: fp32 or bf16; `auto`
+    is bf16 where it trains faster than fp32 (`machine.bf16_trains_faster`)."""
     import torch
+
+    from mnist_search.machine import bf16_trains_faster
 
     if config.precision == "auto":
-        return faster_precision(torch.device(device))
+        return "bf16" if bf16_trains_faster(torch.device(device)) else "fp32"
     return config.precision
-
-
-# What `faster_precision` times: a member of the CNN champion (the heaviest net a default run
-# trains) on 128-image batches, distorted as in the search.
-PROBE_CONFIG = TrainConfig(
-    family="cnn", channels=(24, 48), depth=2, hidden=(128,), optimizer="adamw",
-    schedule="cosine", augment=0.5, batch_size=128, epochs=1,
-)  # fmt: skip
-PROBE_STEPS = 8  # per timing; a few hundred ms each on 2 CPU cores
-
-
-@functools.cache
-def faster_precision(device: torch.device) -> str:
-    """`precision="auto"` on `device`: bf16 where the device computes it natively and, on a CPU,
-    where it also trains faster than fp32; else fp32. Native bf16 does not make a CPU faster:
-    with AVX-512 BF16 but no AMX, bf16 autocast trained the default's nets 0.8x as fast as
-    fp32 on one 2-core Xeon, and 1.1-1.4x faster on AMD EPYC and AMX Xeons (docs/search-space.md,
-    "Precision"). So a CPU is timed, once per process: a few steps of PROBE_CONFIG in each
-    precision, after a warm-up, alternated twice."""
-    from mnist_search.machine import native_bf16
-
-    if not native_bf16(device):  # emulated bf16: 7-9x slower, nothing to time
-        return "fp32"
-    if device.type != "cpu":
-        return "bf16"
-    for precision in ("fp32", "bf16"):  # warm-up: the first fit pays for oneDNN's set-up
-        probe_seconds(precision, device, steps=2)
-    seconds = {"fp32": 0.0, "bf16": 0.0}
-    for _ in range(2):
-        for precision in seconds:
-            seconds[precision] += probe_seconds(precision, device, PROBE_STEPS)
-    return "bf16" if seconds["bf16"] < seconds["fp32"] else "fp32"
-
-
-def probe_seconds(precision: str, device: torch.device, steps: int) -> float:
-    """Seconds `fit` takes for `steps` training steps of PROBE_CONFIG in `precision`, on random
-    pixels (seeded: no draw of the caller's generators changes)."""
-    import torch
-
-    from mnist_search.data import Data, Split
-
-    generator = torch.Generator().manual_seed(0)
-    n = PROBE_CONFIG.batch_size * steps
-    pixels = torch.randint(0, 256, (n, 784), dtype=torch.uint8, generator=generator)
-    labels = torch.randint(0, 10, (n,), generator=generator)
-    data = Data(Split(pixels, labels, 0.13, 0.31).to(device), None, 0.13, 0.31)
-    with torch.random.fork_rng(devices=[]):  # fit seeds torch's global generator
-        start = time.perf_counter()
-        fit(replace(PROBE_CONFIG, precision=precision), data, device)
-        return time.perf_counter() - start
 
 
 def build_model(config: TrainConfig) -> nn.Module:

@@ -152,52 +152,39 @@ def test_fit_with_ema_evaluates_and_returns_the_average():
     assert result.history[-1]["val_accuracy"] > 0.9
 
 
-@pytest.fixture
-def fresh_precision():
-    """`faster_precision` decides once per process: forget its decisions before and after."""
-    train_module.faster_precision.cache_clear()
-    yield train_module.faster_precision
-    train_module.faster_precision.cache_clear()
-
-
 @pytest.mark.parametrize(
-    ("native", "device", "seconds", "expected"),
+    ("features", "vendor", "expected"),
     [
-        (False, "cpu", None, "fp32"),  # emulated bf16: not even timed
-        (True, "cuda", None, "bf16"),  # a GPU with bf16: not timed
-        (True, "cpu", {"fp32": 1.0, "bf16": 1.3}, "fp32"),  # AVX-512 BF16, slower than fp32
-        (True, "cpu", {"fp32": 1.3, "bf16": 1.0}, "bf16"),  # AMX: faster
+        ((), "GenuineIntel", "fp32"),  # AVX2 only: bf16 emulated
+        (("avx512_bf16",), "GenuineIntel", "fp32"),  # native, but measured slower
+        (("avx512_bf16", "amx_tile"), "GenuineIntel", "bf16"),  # AMX: measured faster
+        (("avx512_bf16",), "AuthenticAMD", "bf16"),  # EPYC: measured faster
+        ((), "AuthenticAMD", "fp32"),
     ],
 )
-def test_auto_precision_is_bf16_where_native_and_on_a_cpu_only_where_timed_faster(
-    monkeypatch, fresh_precision, native, device, seconds, expected
+def test_auto_precision_is_bf16_on_a_cpu_only_where_it_was_measured_faster(
+    monkeypatch, features, vendor, expected
 ):
     from mnist_search import machine
 
-    timed = []
-
-    def probe(precision, device, steps):
-        assert seconds is not None, "timed where there is nothing to choose"
-        timed.append(precision)
-        return seconds[precision]
-
-    monkeypatch.setattr(machine, "native_bf16", lambda device: native)
-    monkeypatch.setattr(train_module, "probe_seconds", probe)
+    monkeypatch.setattr(machine, "_cpu_has", lambda feature: feature in features)
+    monkeypatch.setattr(machine, "cpu_vendor", lambda: vendor)
     auto = dataclasses.replace(CNN_CONFIG, precision="auto")
-    assert train_module.forward_precision(auto, device) == expected
-    assert train_module.forward_precision(auto, device) == expected
-    assert len(timed) == (6 if seconds else 0)  # warm-up and two rounds, once per process
-    assert train_module.forward_precision(BF16_CNN, device) == "bf16"  # asked for: as asked
-    assert train_module.forward_precision(CNN_CONFIG, device) == "fp32"
+    assert train_module.forward_precision(auto, "cpu") == expected
+    assert machine.native_bf16(torch.device("cpu")) == bool(features)
+    assert train_module.forward_precision(BF16_CNN, "cpu") == "bf16"  # asked for: as asked
+    assert train_module.forward_precision(CNN_CONFIG, "cpu") == "fp32"
 
 
-def test_the_precision_probe_trains_and_leaves_the_callers_random_draws_alone():
-    torch.manual_seed(3)
-    expected = torch.rand(4)
-    torch.manual_seed(3)
-    seconds = train_module.probe_seconds("fp32", torch.device("cpu"), steps=2)
-    assert torch.equal(torch.rand(4), expected)  # fit's own seeding did not leak out
-    assert 0 < seconds < 60
+def test_the_cpu_vendor_is_read_from_cpuinfo_or_left_empty(tmp_path):
+    from mnist_search.machine import cpu_vendor
+
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text("processor\t: 0\nvendor_id\t: AuthenticAMD\ncpu family\t: 25\n")
+    assert cpu_vendor(cpuinfo) == "AuthenticAMD"
+    cpuinfo.write_text("processor\t: 0\nCPU implementer\t: 0x41\n")  # an ARM CPU says none
+    assert cpu_vendor(cpuinfo) == ""
+    assert cpu_vendor(tmp_path / "absent") == ""  # not Linux
 
 
 def test_the_ensemble_outputs_the_mean_of_its_members():
