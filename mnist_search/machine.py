@@ -43,12 +43,13 @@ def native_bf16(device: torch.device) -> bool:
 
 
 def bf16_trains_faster(device: torch.device) -> bool:
-    """Whether bf16 autocast trains the CNN space's nets faster than float32 on `device`, as
-    measured on this project's 2-core machines (docs/search-space.md, "Precision"): on a CPU
-    with AMX (Intel Xeon: 1.1-1.4x), and on an AMD CPU with AVX-512 BF16 (EPYC: 1.14-1.26x a
-    fit), but not on an Intel CPU with AVX-512 BF16 and no AMX (a Xeon whose hypervisor hides
-    AMX: 0.7-0.9x). On a GPU, wherever it is native (not yet timed for these CNNs). A rule, not
-    a timing at run time, so that a study trains the same way every time on the same machine."""
+    """Whether bf16 autocast trains the CNN space's nets faster than float32 on `device`, from
+    what this project's 2-core machines measured (docs/search-space.md, "Precision"): yes on an
+    AMD CPU with AVX-512 BF16 (EPYC: a fit 1.14-1.26x faster), no on an Intel one without AMX
+    (a Xeon whose hypervisor hides AMX: 1.1-1.5x slower). With AMX, whose tiles compute bf16
+    convolutions and matmuls, yes (the Xeons with AMX ran the default in bf16; not timed
+    against fp32). On a GPU, wherever it is native (not yet timed for these CNNs). A rule,
+    not a timing at run time, so that a study trains the same way every time on one machine."""
     if device.type != "cpu":
         return native_bf16(device)
     return _cpu_has("amx_tile") or (_cpu_has("avx512_bf16") and cpu_vendor() == "AuthenticAMD")
