@@ -19,8 +19,7 @@ import torch
 from mnist_search.cli import add_data_dir_flag
 from mnist_search.data import load_data
 from mnist_search.fetch import default_data_dir
-from mnist_search.machine import bf16_trains_faster
-from mnist_search.train import TrainConfig, fit
+from mnist_search.train import TrainConfig, fit, forward_precision
 
 TRIAL = TrainConfig(  # a trial of the default study: a best trial's shape, one conv a stage
     family="cnn", channels=(10, 40), kernel=5, hidden=(150,), dropout=0.2, activation="silu",
@@ -49,8 +48,8 @@ def main(argv: list[str] | None = None) -> int:
             )
             fp32, bf16 = fp32["epoch_seconds"], bf16["epoch_seconds"]
             print(f"{name} | {round_} | {fp32:.2f} | {bf16:.2f} | {bf16 / fp32:.2f}")
-    faster = bf16_trains_faster(torch.device("cpu"))
-    print(f"precision auto chooses here: {'bf16' if faster else 'fp32'}")
+    auto = dataclasses.replace(TRIAL, precision="auto")
+    print(f"precision auto chooses here: {forward_precision(auto, 'cpu')}")
     return 0
 
 

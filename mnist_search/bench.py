@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from mnist_search import cli
-from mnist_search.train import TrainConfig, build_model, fit
+from mnist_search.train import TrainConfig, build_model, fit, forward_precision
 
 if TYPE_CHECKING:  # imported where used, so --help is instant
     import torch
@@ -155,7 +155,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    from mnist_search.machine import bf16_trains_faster, native_bf16
+    from mnist_search.machine import native_bf16
 
     rows = bench(data_dir, device, args.samples)
     name = torch.cuda.get_device_name() if device.type == "cuda" else "CPU"
@@ -176,7 +176,8 @@ def main(argv: list[str] | None = None) -> int:
     cost = epoch / rate["cnn128aug"] - epoch / rate["cnn128"]
     print(f"augmentation's cost per search epoch ({epoch:,} images) of that CNN: {cost:.2f} s")
     print(f"bf16 autocast over fp32 for that CNN: {rate['cnn128bf16'] / rate['cnn128']:.2f}x")
-    native, chosen = native_bf16(device), "bf16" if bf16_trains_faster(device) else "fp32"
+    native = native_bf16(device)
+    chosen = forward_precision(dataclasses.replace(CNN_CONFIG, precision="auto"), device)
     print(f"native bf16 on {device}: {'yes' if native else 'no'}; the CNN space trains in "
           f"{chosen} here (precision auto: bf16 where it was measured faster)")  # fmt: skip
     return 0
