@@ -11,6 +11,9 @@ is never read. The members were picked on these validation images, which flatter
 alike: compare rows, not the absolute figures. `--seeds N` repeats each row with N seeds (the
 study's seed, + 1, ...); `--first-seed S` starts them at the study's seed + S, to add seeds.
 
+`--own-seeds` gives member i of seed s the seed + s x K + i, where the champion trains every
+member of a seed with one seed (docs/search-space.md, "Members with their own seeds").
+
 `--variant` measures training levers on the same members: each value is a row set of
 TrainConfig fields given to every member, e.g. `--variant base ema=0.999 elastic=0.5,shear=0.5
 channels=24-48,depth=2` (`base`: the members as the study found them).
@@ -117,6 +120,12 @@ def inference_levers(shifted: list[torch.Tensor], y: torch.Tensor) -> dict:
     return out | {"all, held out": sum(held) / 2, "greedy, held out": sum(greedy) / 2}
 
 
+def member_seeds(base: int, offset: int, k: int, own: bool) -> list[int]:
+    """The k members' seeds for seed `offset`: base + offset for all, as the champion trains
+    them, or (`--own-seeds`) base + offset x k + i for member i, so that no two share one."""
+    return [base + offset * k + i for i in range(k)] if own else [base + offset] * k
+
+
 def variant(text: str) -> dict:
     """'ema=0.999,channels=24-48' -> {'ema': 0.999, 'channels': (24, 48)}; 'base' -> {}."""
     if text == "base":
@@ -144,6 +153,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seeds", type=int, default=1, help="seeds per row")
     p.add_argument("--first-seed", type=int, default=0, help="offset of the first seed")
     p.add_argument("--variant", type=variant, nargs="+", default=[{}], help="levers, see above")
+    p.add_argument("--own-seeds", action="store_true", help="a seed per member, see above")
     p.add_argument("--device", default="cpu")
     p.add_argument("--inference", action="store_true", help="also TTA and greedy, see above")
     add_data_dir_flag(p)
@@ -166,9 +176,10 @@ def main(argv: list[str] | None = None) -> int:
         for epochs, offset in itertools.product(
             args.epochs, range(args.first_seed, args.first_seed + args.seeds)
         ):
+            found = retrain_configs(study, members, epochs)
+            seeds = member_seeds(found[0].seed, offset, len(found), args.own_seeds)
             configs = [
-                dataclasses.replace(c, **changes, seed=c.seed + offset)
-                for c in retrain_configs(study, members, epochs)
+                dataclasses.replace(c, **changes, seed=s) for c, s in zip(found, seeds, strict=True)
             ]
             start = time.perf_counter()
             shifted = [] if args.inference else None

@@ -78,6 +78,12 @@ def test_retrain_evidence_variants_parse_each_fields_type_and_refuse_unknown_fie
             parse(bad)
 
 
+def test_retrain_evidence_own_seeds_give_each_member_of_each_seed_its_own():
+    seeds = retrain_evidence.member_seeds
+    assert sorted(sum((seeds(7, s, 4, own=True) for s in range(3)), [])) == list(range(7, 19))
+    assert seeds(7, 2, 4, own=False) == [9] * 4  # one seed a row, as the champion trains them
+
+
 def test_a_shift_moves_every_pixel_one_place_and_fills_the_edge_with_background():
     x = torch.arange(2 * 784, dtype=torch.float32).reshape(2, 784)
     images = x.reshape(2, 28, 28)
