@@ -15,6 +15,7 @@ import argparse
 import dataclasses
 import functools
 import json
+import math
 import sys
 import tempfile
 import time
@@ -57,6 +58,7 @@ class ChampionConfig:
     # None: the space's
     retrain_augment: float | str | None = None  # CNN members' augmentation strength, or
     # SEARCHED; None: the space's
+    retrain_lr_scale: float = 1.0  # each member retrains at its searched learning rate times this
     seeds: int = 1  # retrain and test with this many seeds; only the first seed's model ships
     register_as: str | None = None  # the registered model's name; None: the study's
 
@@ -83,6 +85,9 @@ class ChampionConfig:
             raise BadInput(
                 f"--retrain-augment is a strength from 0 to 1 or 'searched', not {augment}"
             )
+        scale = self.retrain_lr_scale
+        if not 0 < scale < math.inf:
+            raise BadInput(f"--retrain-lr-scale must be a positive factor, not {scale}")
         if self.register_as is not None and not self.register_as.strip():
             raise BadInput("--register-as is empty; give it a name")
 
@@ -183,12 +188,13 @@ def members_of(study, k: int) -> list:
 
 def retrain_configs(
     study, members: list, epochs: int | str, depth: int = 1, channels: tuple[int, ...] = (),
-    augment: float | str = SEARCHED,
+    augment: float | str = SEARCHED, lr_scale: float = 1.0,
 ) -> list[TrainConfig]:  # fmt: skip
     """Each member's config rebuilt through the search space, with the study's own seed, for
     `epochs` epochs (its schedule stretched to them), or, for BEST_EPOCH, for the epoch count
-    where its validation accuracy peaked; a CNN member with `depth` conv blocks a stage and,
-    if given, `channels` for its searched widths and `augment` for its searched strength."""
+    where its validation accuracy peaked, at its searched learning rate times `lr_scale`; a CNN
+    member with `depth` conv blocks a stage and, if given, `channels` for its searched widths
+    and `augment` for its searched strength."""
     seed, configs = study.user_attrs.get("seed", 0), []
     for t in members:
         config = config_from_params(
@@ -199,6 +205,7 @@ def retrain_configs(
             seed,
             study_space(study),
         )
+        config = dataclasses.replace(config, lr=config.lr * lr_scale)
         if config.family == "cnn":
             config = dataclasses.replace(
                 config,
@@ -316,7 +323,7 @@ def crown(
     members = members_of(study, config.ensemble)
     configs = retrain_configs(
         study, members, config.retrain_epochs, config.retrain_depth, config.retrain_channels,
-        config.retrain_augment,
+        config.retrain_augment, config.retrain_lr_scale,
     )  # fmt: skip
     # precision "auto" resolved here, so that the run and the export say what trained
     configs = [dataclasses.replace(c, precision=forward_precision(c, device)) for c in configs]

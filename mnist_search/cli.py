@@ -72,8 +72,8 @@ def add_device_flags(p: argparse.ArgumentParser) -> None:
 
 
 CHAMPION_FLAGS = (  # ChampionConfig's fields, one flag each
-    "ensemble", "retrain_epochs", "retrain_depth", "retrain_channels", "retrain_augment", "seeds",
-    "register_as",
+    "ensemble", "retrain_epochs", "retrain_depth", "retrain_channels", "retrain_augment",
+    "retrain_lr_scale", "seeds", "register_as",
 )  # fmt: skip
 
 
@@ -147,6 +147,13 @@ def add_champion_flags(p: argparse.ArgumentParser, defaults_help: Callable[[str]
         metavar="S",
         help="retrain each CNN member with this augmentation strength, or 'searched' "
         f"(default, by the study's space: {defaults_help('retrain_augment')})",
+    )
+    p.add_argument(
+        "--retrain-lr-scale",
+        type=float,
+        default=1.0,
+        metavar="F",
+        help="retrain each member at its searched learning rate times F (default: 1, as searched)",
     )
     p.add_argument(
         "--seeds",

@@ -241,6 +241,8 @@ STORES = (
         (["--retrain-channels", "wide"], "--retrain-channels takes conv widths, such as 24 48, or 'searched'"),
         (["--retrain-augment", "1.5"], "--retrain-augment is a strength from 0 to 1 or 'searched', not 1.5"),
         (["--retrain-augment", "strong"], "argument --retrain-augment: takes a strength from 0 to 1, such as 0.5, or 'searched', not 'strong'"),
+        (["--retrain-lr-scale", "0"], "--retrain-lr-scale must be a positive factor, not 0.0"),
+        (["--retrain-lr-scale", "nan"], "--retrain-lr-scale must be a positive factor, not nan"),
         (["--seeds", "-1"], "--seeds must be at least 1, not -1"),
         (["--seeds", "1.5"], "argument --seeds: invalid int value: '1.5'"),
     ),

@@ -363,14 +363,16 @@ def test_the_champion_retrains_cnn_members_at_the_depth_widths_and_augment_given
         study.optimize(lambda t: (suggest_config(t, 2, 0, "all"), 0.5)[1], n_trials=1)
     members = champion.members_of(study, 2)
     deep, plain = champion.retrain_configs(
-        study, members, 3, depth=2, channels=(24, 48), augment=0.5
+        study, members, 3, depth=2, channels=(24, 48), augment=0.5, lr_scale=0.5
     )
     assert (deep.family, deep.depth, deep.channels, deep.kernel, deep.epochs, deep.augment) == (
         "cnn", 2, (24, 48), 3, 3, 0.5
     )  # fmt: skip
     assert (plain.family, plain.depth, plain.hidden, plain.augment) == ("mlp", 1, (128,), 0.25)
+    assert deep.lr == plain.lr == 5e-4  # both at half the searched 1e-3
     searched = champion.retrain_configs(study, members, 3)[0]  # all as searched
     assert (searched.depth, searched.channels, searched.augment) == (1, (8, 16), 0.25)
+    assert searched.lr == 1e-3
     # flags: widths, strength, or 'searched'; left out, the space's defaults
     argv = ["--retrain-channels", "searched", "--retrain-depth", "1", "--retrain-augment"]
     for given, strength in (("searched", "searched"), ("0", 0.0), ("0.75", 0.75)):
