@@ -13,6 +13,8 @@ study's seed, + 1, ...); `--first-seed S` starts them at the study's seed + S, t
 
 `--own-seeds` gives member i of seed s the seed + s x K + i, where the champion trains every
 member of a seed with one seed (docs/search-space.md, "Members with their own seeds").
+`--lr-scale F` retrains each member at its searched learning rate times F, as the champion's
+`--retrain-lr-scale F` does.
 
 `--variant` measures training levers on the same members: each value is a row set of
 TrainConfig fields given to every member, e.g. `--variant base ema=0.999 elastic=0.5,shear=0.5
@@ -154,6 +156,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--first-seed", type=int, default=0, help="offset of the first seed")
     p.add_argument("--variant", type=variant, nargs="+", default=[{}], help="levers, see above")
     p.add_argument("--own-seeds", action="store_true", help="a seed per member, see above")
+    p.add_argument("--lr-scale", type=float, default=1.0, help="times each member's lr")
     p.add_argument("--device", default="cpu")
     p.add_argument("--inference", action="store_true", help="also TTA and greedy, see above")
     add_data_dir_flag(p)
@@ -176,7 +179,7 @@ def main(argv: list[str] | None = None) -> int:
         for epochs, offset in itertools.product(
             args.epochs, range(args.first_seed, args.first_seed + args.seeds)
         ):
-            found = retrain_configs(study, members, epochs)
+            found = retrain_configs(study, members, epochs, lr_scale=args.lr_scale)
             seeds = member_seeds(found[0].seed, offset, len(found), args.own_seeds)
             configs = [
                 dataclasses.replace(c, **changes, seed=s) for c, s in zip(found, seeds, strict=True)
