@@ -14,7 +14,8 @@ study's seed, + 1, ...); `--first-seed S` starts them at the study's seed + S, t
 `--own-seeds` gives member i of seed s the seed + s x K + i, where the champion trains every
 member of a seed with one seed (docs/search-space.md, "Members with their own seeds").
 `--lr-scale F` retrains each member at its searched learning rate times F, as the champion's
-`--retrain-lr-scale F` does.
+`--retrain-lr-scale F` does. Left out, it is 1, the rate as searched, as `--variant` starts from
+the members as found; the champion's CNN default is 0.5.
 
 `--variant` measures training levers on the same members: each value is a row set of
 TrainConfig fields given to every member, e.g. `--variant base ema=0.999 elastic=0.5,shear=0.5

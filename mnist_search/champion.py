@@ -58,7 +58,8 @@ class ChampionConfig:
     # None: the space's
     retrain_augment: float | str | None = None  # CNN members' augmentation strength, or
     # SEARCHED; None: the space's
-    retrain_lr_scale: float = 1.0  # each member retrains at its searched learning rate times this
+    retrain_lr_scale: float | None = None  # each member retrains at its searched learning rate
+    # times this; None: the space's
     seeds: int = 1  # retrain and test with this many seeds; only the first seed's model ships
     register_as: str | None = None  # the registered model's name; None: the study's
 
@@ -86,7 +87,7 @@ class ChampionConfig:
                 f"--retrain-augment is a strength from 0 to 1 or 'searched', not {augment}"
             )
         scale = self.retrain_lr_scale
-        if not 0 < scale < math.inf:
+        if scale is not None and not 0 < scale < math.inf:
             raise BadInput(f"--retrain-lr-scale must be a positive factor, not {scale}")
         if self.register_as is not None and not self.register_as.strip():
             raise BadInput("--register-as is empty; give it a name")
@@ -102,6 +103,7 @@ class ChampionConfig:
             retrain_augment=(
                 defaults.retrain_augment if self.retrain_augment is None else self.retrain_augment
             ),
+            retrain_lr_scale=self.retrain_lr_scale or defaults.retrain_lr_scale,
             register_as=self.register_as or study_name,
         )
 

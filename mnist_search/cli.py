@@ -151,9 +151,10 @@ def add_champion_flags(p: argparse.ArgumentParser, defaults_help: Callable[[str]
     p.add_argument(
         "--retrain-lr-scale",
         type=float,
-        default=1.0,
+        default=None,
         metavar="F",
-        help="retrain each member at its searched learning rate times F (default: 1, as searched)",
+        help="retrain each member at its searched learning rate times F (default, by the "
+        f"study's space: {defaults_help('retrain_lr_scale')})",
     )
     p.add_argument(
         "--seeds",

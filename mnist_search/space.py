@@ -35,6 +35,7 @@ class SpaceDefaults:
     retrain_depth: int = 1  # conv blocks per stage of each CNN member retrained (the search's: 1)
     retrain_channels: tuple[int, ...] = ()  # each CNN member's conv widths retrained; (): searched
     retrain_augment: float | str = SEARCHED  # each CNN member's augmentation strength retrained
+    retrain_lr_scale: float = 1.0  # each member retrains at its searched learning rate times this
 
 
 CNN_STAGES = 2  # conv stages of the CNN space's nets: channels_0, channels_1 below
@@ -49,10 +50,12 @@ CNN_STAGES = 2  # conv stages of the CNN space's nets: channels_0, channels_1 be
 # (of 2, 0.03 point worse), in 0.86x the search's time, which pays for most of a third member:
 # +0.03 on validation (docs/search-space.md, "A shorter search and a third member"); a fourth
 # added 0.03 more on every seed, paid for where float32 replaced a slower bf16 ("A fourth
-# member").
+# member"). The members retrain at half their trials' learning rate, which was found for 3
+# epochs of smaller nets: +0.03 over 5 seeds at the same cost ("Members at half their searched
+# learning rate").
 CNN_DEFAULTS = SpaceDefaults(
     epochs=3, pruner="halving", ensemble=4, retrain_epochs=10, retrain_depth=2,
-    retrain_channels=(24, 48), retrain_augment=0.5,
+    retrain_channels=(24, 48), retrain_augment=0.5, retrain_lr_scale=0.5,
 )  # fmt: skip
 DEFAULTS = {
     "mlp": SpaceDefaults(epochs=10, pruner="hyperband", ensemble=1, retrain_epochs=BEST_EPOCH),

@@ -34,15 +34,15 @@ from tests.helpers import assert_parent_series, free_port, use_synthetic_mnist, 
 @pytest.fixture(scope="module")
 def crowned(tmp_path_factory):
     """A 2-trial study of CNNs on synthetic data, crowned as an ensemble of both trials (no
-    pruning: both complete), each retrained for 3 epochs at half its searched learning rate,
-    with 2 seeds: (folder, data_dir, study, crown's metrics)."""
+    pruning: both complete), each retrained for 3 epochs (at half its searched learning rate,
+    as CNN members are by default), with 2 seeds: (folder, data_dir, study, crown's metrics)."""
     tmp = tmp_path_factory.mktemp("champion")
     with pytest.MonkeyPatch.context() as mp:  # undone before the tests: each sets what it needs
         mp.chdir(tmp)
         mp.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp}/mlflow.db")
         mp.setenv("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", "1")  # samples in a short study
         data_dir = use_synthetic_mnist(mp, tmp / "data")
-        crowning = ChampionConfig(ensemble=2, retrain_epochs=3, seeds=2, retrain_lr_scale=0.5)
+        crowning = ChampionConfig(ensemble=2, retrain_epochs=3, seeds=2)
         config = SearchConfig(
             trials=2, epochs=2, data_dir=data_dir, device="cpu", space="cnn", pruner="none",
             storage=str(tmp / "s.journal"), champion=crowning,
@@ -96,7 +96,7 @@ def test_the_champion_is_registered_with_alias_and_tags(crowned):
         == [int(run.data.params[f"member_{i}.epochs"]) for i in range(2)]
         == [3, 3]
     )  # --retrain-epochs, not the 2 epochs the trials trained
-    for i in range(2):  # the CNN space's members retrain deeper, wider and more augmented
+    for i in range(2):  # CNN members retrain deeper, wider, more augmented, at half the lr
         assert run.data.params[f"member_{i}.depth"] == "2"
         assert run.data.params[f"member_{i}.channels"] == "(24, 48)"
         assert run.data.params[f"member_{i}.augment"] == "0.5"

@@ -292,6 +292,7 @@ def test_flags_left_out_take_their_spaces_defaults_and_names_follow_the_space():
         assert config.champion.retrain_depth == defaults.retrain_depth
         assert config.champion.retrain_channels == defaults.retrain_channels
         assert config.champion.retrain_augment == defaults.retrain_augment
+        assert config.champion.retrain_lr_scale == defaults.retrain_lr_scale
         assert config.study_name == config.champion.register_as == f"mnist-{space}"
     assert SearchConfig().space == "cnn"
     # what is given wins, and the registered model follows the study's name
@@ -385,4 +386,7 @@ def test_the_champion_retrains_cnn_members_at_the_depth_widths_and_augment_given
     assert (default.retrain_channels, default.retrain_depth, default.retrain_augment) == (
         DEFAULTS["cnn"].retrain_channels, DEFAULTS["cnn"].retrain_depth, 0.5
     )  # fmt: skip
-    assert champion.ChampionConfig().resolved("mlp", "s").retrain_augment == "searched"
+    assert default.retrain_lr_scale == 0.5
+    mlp = champion.ChampionConfig().resolved("mlp", "s")
+    assert (mlp.retrain_augment, mlp.retrain_lr_scale) == ("searched", 1.0)  # as the original
+    assert champion.ChampionConfig(retrain_lr_scale=2).resolved("cnn", "s").retrain_lr_scale == 2
